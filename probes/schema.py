@@ -1,0 +1,118 @@
+"""Canonical names of the probe records: the one contract between probes (writer) and analyses (reader).
+
+This module imports neither torch nor anything else from the toolkit, so `analyses` can read records
+on a machine without torch. Every variable that the probes write is declared here with its dims,
+units and meaning; the writer refuses a variable that is not declared, and the reader checks
+`SCHEMA_VERSION` before it trusts a store.
+
+Conventions
+- `step` is the number of optimizer updates applied before the measurement: step 0 is the model at
+  initialization. The linearization error at step t uses the update Δθ that takes θ_t to θ_{t+1}.
+- RMS means sqrt(mean(x²)) over every element of the probe batch (batch × position × feature).
+- Norms (`*_norm`) are Frobenius norms over the whole probe batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+
+# Stream and branch sites inside each block, in forward order. `*_out` is the raw branch output,
+# `*_add` what is actually added to the residual stream (after the m_L^-α branch multiplier).
+SITES: tuple[str, ...] = (
+    "resid_pre",
+    "attn_out",
+    "attn_add",
+    "resid_mid",
+    "mlp_out",
+    "mlp_add",
+    "resid_post",
+)
+STREAM_SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
+BRANCHES: tuple[str, ...] = ("attn", "mlp")
+# Parameter roles that live inside a block (per-layer records) and outside it (model-level records).
+BLOCK_ROLES: tuple[str, ...] = ("block_norm", "hidden_weight", "hidden_bias")
+GLOBAL_ROLES: tuple[str, ...] = ("embedding", "position_embedding", "final_norm", "unembedding")
+ROLES: tuple[str, ...] = GLOBAL_ROLES[:2] + BLOCK_ROLES + GLOBAL_ROLES[2:]
+
+# Model-level sites outside the blocks.
+EMBED_SITE = "embed"  # token + position embedding output: the stream entering block 0
+FINAL_SITE = "final_stream"  # input of the final LayerNorm: the last block's output
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One recorded quantity: its dims (after `step`), unit and meaning."""
+
+    dims: tuple[str, ...]
+    units: str
+    description: str
+
+
+VARIABLES: dict[str, Variable] = {
+    # --- feature updates (per layer and site) -------------------------------------------------
+    "act_rms": Variable(("layer", "site"), "activation", "RMS of the site activation h(t)"),
+    "delta0_rms": Variable(("layer", "site"), "activation", "RMS of h(t) - h(0) on the probe batch"),
+    "delta_prev_rms": Variable(
+        ("layer", "site"), "activation", "RMS of h(t) - h(previous probe step) on the probe batch"
+    ),
+    # --- linearization error of each branch w.r.t. its own parameters (spec §3.5) -----------------
+    "branch_norm": Variable(("layer", "branch"), "activation", "||F(h; θ_t)|| of the raw branch output"),
+    "lin_norm": Variable(("layer", "branch"), "activation", "||J_θ F(h; θ_t) Δθ||, first-order change"),
+    "nonlin_norm": Variable(
+        ("layer", "branch"), "activation", "||F(h; θ_t+Δθ) - F(h; θ_t) - J_θ F Δθ||, the non-linear rest"
+    ),
+    "lin_ratio": Variable(("layer", "branch"), "1", "||nl|| / ||lin||: expect ∝ m_L^(α-1)"),
+    "nonlin_to_output": Variable(("layer", "branch"), "1", "||nl|| / ||F||: expect ∝ m_L^(2(α-1))"),
+    # --- residual-stream statistics --------------------------------------------------------------
+    "branch_to_stream": Variable(
+        ("layer", "branch"), "1", "RMS of what the branch adds / RMS of the stream it is added to"
+    ),
+    "stream_cosine": Variable(
+        ("layer",), "1", "cosine (per token, averaged) between the stream entering and leaving the block"
+    ),
+    "final_update_share": Variable(
+        ("layer",),
+        "1",
+        "<Δ(attn_add+mlp_add), Δh_final> / ||Δh_final||², Δ since step 0: the layer's share of the "
+        "change of the final stream (shares of all layers plus the embedding sum to 1)",
+    ),
+    "grad_rms": Variable(("layer",), "gradient", "RMS of dLoss/d resid_pre on the probe batch"),
+    # --- parameter updates -------------------------------------------------------------------------
+    "update_rel": Variable(("layer", "block_role"), "1", "||ΔW|| / ||W|| over the role's tensors in the layer"),
+    "update_rms": Variable(("layer", "block_role"), "parameter", "RMS of ΔW over the role's tensors"),
+    "global_update_rel": Variable(("global_role",), "1", "||ΔW|| / ||W|| for parameters outside blocks"),
+    "global_update_rms": Variable(("global_role",), "parameter", "RMS of ΔW for parameters outside blocks"),
+    "effective_lr": Variable(("group",), "1", "learning rate of each optimizer group at this step"),
+    # --- model-level stream ------------------------------------------------------------------------
+    "final_rms": Variable((), "activation", "RMS of the final stream (input of the final LayerNorm)"),
+    "final_abs_mean": Variable((), "activation", "mean |x| of the final stream (paper Fig. 7 quantity)"),
+    "final_delta0_rms": Variable((), "activation", "RMS of h_final(t) - h_final(0)"),
+    "embed_update_share": Variable((), "1", "the embedding's share of the change of the final stream"),
+    # --- losses --------------------------------------------------------------------------------------
+    "probe_loss": Variable((), "nats/token", "loss on the fixed probe batch at θ_t"),
+    "train_loss": Variable((), "nats/token", "training loss of the step's batch"),
+    "val_loss": Variable((), "nats/token", "held-out loss at the nearest validation (NaN if none yet)"),
+}
+
+STORE_NAME = "probes.zarr"
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.json"
+STATUS_NAME = "status.json"
+
+# Attributes every store carries (the run's identity for sweeps). `config` is the resolved run config
+# as a JSON string; the others are flattened copies for cheap sweep assembly.
+SWEEP_ATTRS: tuple[str, ...] = ("param", "alpha", "width", "depth", "seed", "lr")
+
+
+def coords_for(depth: int, groups: list[str]) -> dict[str, list]:
+    """Coordinates of a store for a model of `depth` blocks and the given optimizer group names."""
+    return {
+        "layer": list(range(depth)),
+        "site": list(SITES),
+        "branch": list(BRANCHES),
+        "block_role": list(BLOCK_ROLES),
+        "global_role": list(GLOBAL_ROLES),
+        "group": list(groups),
+    }

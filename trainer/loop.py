@@ -1,0 +1,344 @@
+"""The training loop: AdamW with the Table 1 groups, schedule, clipping, accumulation, checkpoints.
+
+Run dir (rank 0 writes everything):
+    config.json      the resolved configuration (every section), written before the first step
+    metrics.jsonl    one line per step: loss, lr, grad_norm, tokens_per_s (+ val_loss when measured)
+    status.json      state (running | finished | failed), last step, message
+    checkpoint.pt    the latest good checkpoint (atomic), for --resume
+
+The step itself has no host synchronisation: per-step losses and gradient norms stay on the device
+and are transferred once per `log_every` steps, when the non-finite check also runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer import checkpoint as ckpt
+from trainer.data import DataConfig, TokenData
+from trainer.errors import ConfigError
+from trainer.model import GPT, ModelConfig, unwrap
+from trainer.observers import Observer
+from trainer.optim import SCHEDULES, build_optimizer, group_summary, lr_factor, set_lr
+from trainer.parameterization import Parameterization
+
+METRICS_NAME, STATUS_NAME, CONFIG_NAME = "metrics.jsonl", "status.json", "config.json"
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss; the message names the step."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 400  # optimizer updates
+    batch_size: int = 16  # sequences per update, over all ranks and accumulation steps
+    grad_accum: int = 1  # micro-batches per update (per rank)
+    warmup_frac: float = 0.1  # share of steps with linear warmup
+    schedule: str = "linear"  # linear (to zero) | cosine | constant, after warmup
+    min_lr_frac: float = 0.0  # floor of the decay, as a fraction of the peak LR
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    eval_every: int = 100  # steps between validation losses (and at the end)
+    eval_batches: int = 4  # held-out batches per validation
+    checkpoint_every: int = 100  # steps between checkpoints (and at the end)
+    log_every: int = 10  # steps between host transfers of the loss (and the NaN check)
+    seed: int = 0  # init and data order
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False  # torch.compile the training forward (CUDA recommended)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines a run; stored as config.json."""
+
+    param: Parameterization = field(default_factory=Parameterization)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"param": asdict(self.param), "model": asdict(self.model), "data": asdict(self.data),
+                "train": asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        return cls(Parameterization(**d["param"]), ModelConfig(**d["model"]), DataConfig(**d["data"]),
+                   TrainConfig(**d["train"]))
+
+
+def validate_train(cfg: TrainConfig, world: int = 1) -> None:
+    for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every", "log_every"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name}={value!r} must be a positive integer")
+    if cfg.batch_size % (cfg.grad_accum * world):
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is not divisible by grad_accum × world size = "
+            f"{cfg.grad_accum} × {world}"
+        )
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"schedule={cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype={cfg.dtype!r} is not one of {', '.join(DTYPES)}")
+    if not 0 <= cfg.warmup_frac < 1:
+        raise ConfigError(f"warmup_frac={cfg.warmup_frac} must be in [0, 1)")
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+        raise ConfigError(f"device={cfg.device!r} must be auto, cpu, cuda or cuda:N")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.device!r} requested but CUDA is not available on this machine")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """One training run in one run dir. `run()` trains to `train.steps`, resuming if asked."""
+
+    def __init__(self, spec: RunSpec, run_dir: Path, observers: list[Observer] | None = None,
+                 extra_config: dict[str, Any] | None = None, quiet: bool = False):
+        self.spec, self.run_dir = spec, Path(run_dir)
+        self.observers = list(observers or [])
+        self.extra_config = extra_config or {}
+        self.quiet = quiet
+        self.rank, self.world = dist_info()
+        validate_train(spec.train, self.world)
+        self.device = resolve_device(spec.train.device)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        self.data = TokenData(spec.data, spec.model.seq_len)
+        torch.manual_seed(spec.train.seed)
+        self.model: GPT = GPT(spec.param, spec.model).to(self.device)
+        self.roles = self.model.parameter_roles()
+        fused = self.device.type == "cuda" or None
+        self.optimizer = build_optimizer(self.model, spec.param, self.roles,
+                                         betas=(spec.train.beta1, spec.train.beta2), fused=fused)
+        self.train_model: nn.Module = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if spec.train.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.step = 0  # the next update to run
+        self.last_loss: torch.Tensor | None = None  # this step's loss, on the device
+        self.last_val_loss = math.nan
+        self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []
+        self._timer = (time.perf_counter(), 0)
+
+    # --- helpers -----------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def eager_model(self) -> GPT:
+        """The module behind any compile/DDP wrapper: what probes use."""
+        return unwrap(self.train_model)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.spec.train.dtype
+        if dtype == "bfloat16" or (dtype == "auto" and self.device.type == "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def log(self, msg: str) -> None:
+        if self.is_main and not self.quiet:
+            print(msg, flush=True)
+
+    def _write_status(self, state: str, message: str = "") -> None:
+        if self.is_main:
+            status = {"state": state, "step": self.step, "steps": self.spec.train.steps, "message": message}
+            tmp = self.run_dir / f".{STATUS_NAME}.tmp"
+            tmp.write_text(json.dumps(status))
+            os.replace(tmp, self.run_dir / STATUS_NAME)
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        for obs in self.observers:
+            obs.flush()
+        if not self.is_main:
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "rng": ckpt.rng_state(),
+            "last_val_loss": self.last_val_loss,
+            "observers": {o.name: o.state_dict() for o in self.observers},
+        }
+        ckpt.save_atomic(state, self.run_dir / ckpt.CHECKPOINT_NAME)
+
+    def load_checkpoint(self) -> None:
+        path = self.run_dir / ckpt.CHECKPOINT_NAME
+        if not path.is_file():
+            raise ConfigError(f"cannot resume: no checkpoint at {path}")
+        state = ckpt.load(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt.set_rng_state({k: v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v]
+                            for k, v in state["rng"].items()})
+        self.step = int(state["step"])
+        self.last_val_loss = float(state["last_val_loss"])
+        for obs in self.observers:
+            obs.load_state_dict(state["observers"].get(obs.name, {}))
+            obs.resume(self.step)
+        if self.is_main:
+            truncate_metrics(self.run_dir / METRICS_NAME, self.step)
+
+    # --- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float:
+        model = self.eager_model
+        model.eval()
+        cfg = self.spec.train
+        micro = max(1, cfg.batch_size // cfg.grad_accum)
+        losses = []
+        for batch in self.data.val_batches(cfg.eval_batches, micro):
+            batch = batch.to(self.device)
+            with self.autocast():
+                losses.append(model(batch[:, :-1], batch[:, 1:]))
+        model.train()
+        return torch.stack(losses).mean().item()
+
+    # --- the step ------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> None:
+        cfg = self.spec.train
+        factor = lr_factor(step, cfg.steps, round(cfg.warmup_frac * cfg.steps), cfg.schedule, cfg.min_lr_frac)
+        set_lr(self.optimizer, factor)
+        batch = self.data.train_batch(cfg.seed, step, cfg.batch_size, self.rank, self.world)
+        batch = batch.to(self.device, non_blocking=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, micro in enumerate(batch.chunk(cfg.grad_accum)):
+            last = i == cfg.grad_accum - 1
+            # DDP all-reduces gradients only on the last micro-batch of the update.
+            sync = contextlib.nullcontext() if last or self.world == 1 else self.train_model.no_sync()
+            with sync, self.autocast():
+                loss = self.train_model(micro[:, :-1], micro[:, 1:]) / cfg.grad_accum
+            with sync:
+                loss.backward()
+            loss_sum += loss.detach()
+        if self.world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        params = self.model.parameters()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
+                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        self.last_loss = loss_sum
+        watching = [o for o in self.observers if o.wants(step)]
+        for obs in watching:
+            obs.before_update(step, self)
+        self.optimizer.step()
+        for obs in watching:
+            obs.after_update(step, self)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._pending.append((step, factor, loss_sum, grad_norm.detach()))
+
+    def flush_metrics(self) -> None:
+        """One host transfer for the buffered steps; write their lines; raise on a non-finite loss."""
+        if not self._pending:
+            return
+        values = torch.stack([torch.stack([l.float(), g.float()]) for _, _, l, g in self._pending]).cpu()
+        t0, n0 = self._timer
+        now = time.perf_counter()
+        tokens = len(self._pending) * self.spec.train.batch_size * self.spec.model.seq_len
+        tps = tokens / max(now - t0, 1e-9)
+        self._timer = (now, n0 + len(self._pending))
+        lines, bad = [], None
+        lr0 = self.spec.param.lr_base
+        for (step, factor, _, _), (loss, gnorm) in zip(self._pending, values.tolist()):
+            if bad is None and not math.isfinite(loss):
+                bad = step
+            lines.append(json.dumps({"step": step, "loss": loss, "lr": lr0 * factor, "grad_norm": gnorm,
+                                     "tokens_per_s": tps}))
+        self._pending.clear()
+        if self.is_main:
+            with open(self.run_dir / METRICS_NAME, "a") as f:
+                f.write("\n".join(lines) + "\n")
+        if bad is not None:
+            raise NonFiniteLoss(f"non-finite training loss at step {bad}")
+
+    def _record_validation(self, step: int) -> None:
+        self.last_val_loss = self.validate()
+        for obs in self.observers:
+            obs.on_validation(step, self.last_val_loss)
+        if self.is_main:
+            with open(self.run_dir / METRICS_NAME, "a") as f:
+                f.write(json.dumps({"step": step, "val_loss": self.last_val_loss}) + "\n")
+        self.log(f"step {step:>6}  val_loss {self.last_val_loss:.4f}")
+
+    # --- the run -------------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Train to the configured number of steps. Returns the final metrics."""
+        cfg = self.spec.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.load_checkpoint()
+            self.log(f"resumed {self.run_dir} at step {self.step}")
+        elif self.is_main:
+            config = {**self.spec.to_dict(), **self.extra_config}
+            (self.run_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+            (self.run_dir / METRICS_NAME).write_text("")
+        self.log(f"{self.spec.param.label}: width {self.spec.param.width}, depth {self.spec.param.depth}, "
+                 f"{self.model.num_params():,} non-embedding params, device {self.device}")
+        for line in group_summary(self.optimizer):
+            self.log("  " + line)
+        self._write_status("running")
+        self._timer = (time.perf_counter(), 0)
+        try:
+            while self.step < cfg.steps:
+                step = self.step
+                if step % cfg.eval_every == 0:
+                    self._record_validation(step)
+                self.train_step(step)
+                self.step = step + 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self.flush_metrics()
+                    self.log(f"step {step:>6}  loss {self.last_loss.item():.4f}")
+                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.flush_metrics()
+                    self.save_checkpoint()
+            self._record_validation(self.step)
+            self.save_checkpoint()
+        except NonFiniteLoss as err:
+            self._write_status("failed", str(err))
+            raise
+        finally:
+            for obs in self.observers:
+                obs.close()
+        self._write_status("finished")
+        return {"step": self.step, "val_loss": self.last_val_loss}
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines at or after `step` (written after the checkpoint we resume from)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size), initializing the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

@@ -1,0 +1,213 @@
+"""Parameterizations as data: the paper's Table 1 as one pure function of role and shape.
+
+Dey et al. 2025 ("Don't be lazy: CompleteP ...", arXiv 2505.01618), Table 1, with
+m_N = N / N_base and m_L = L / L_base:
+
+| role                     | SP            | µP                 | α (CompleteP: α = 1)                  |
+|--------------------------|---------------|--------------------|---------------------------------------|
+| embedding init std / LR  | σ / η         | σ / η              | σ / η                                 |
+| block LN LR              | η             | η                  | η·m_L^(α−1)                           |
+| hidden weight init std   | σ             | σ·m_N^(−1/2)       | σ·m_N^(−1/2)                          |
+| hidden weight LR         | η             | η·m_N^(−1)         | η·m_N^(−1)·m_L^(α−1)                  |
+| hidden bias LR           | η             | η                  | η·m_L^(α−1)                           |
+| hidden weight WD         | λ             | λ·m_N              | λ·m_N                                 |
+| branch multiplier        | 1             | 1                  | m_L^(−α)                              |
+| unembedding forward      | 1             | m_N^(−1)           | m_N^(−1)                              |
+| Adam ε (block params)    | ε             | ε·m_N^(−1)         | ε·m_N^(−1)·m_L^(−α)                   |
+
+Rows the table does not give, and what we do (see the spec, §1):
+- LayerNorm gains start at 1 and biases at 0 (the table's "σ²_base" for Pre-LN is read as the
+  reference code does); their "init std" is reported as 0.
+- Weight decay is 0 for norms and biases; embeddings and unembedding get λ (reference code).
+- Adam ε outside the blocks: ε_base (Table 1 scopes the rule to residual blocks). `eps_scope="all"`
+  applies the block ε to every group, as the authors' code does.
+- Attention logit scale: 1/d_head for µP and α, 1/sqrt(d_head) for SP (reference code).
+- `mup_variant="reference-code"` reproduces the authors' µP-only mode: ε not scaled with width and
+  hidden WD left at λ (both depart from Table 1's µP column).
+
+Weight decay is PyTorch's AdamW form (decoupled but multiplied by the group LR), as in the paper.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass
+
+from trainer.errors import ConfigError
+
+PARAMETERIZATIONS = ("sp", "mup", "alpha")
+# Named presets that resolve to (parameterization, α).
+ALIASES = {"depth-mup": ("alpha", 0.5), "completep": ("alpha", 1.0)}
+EPS_SCOPES = ("blocks", "all")
+MUP_VARIANTS = ("table", "reference-code")
+ATTN_SCALES = ("auto", "inv-d-head", "inv-sqrt-d-head")
+
+
+class Role(str, enum.Enum):
+    """What a parameter is, for the purpose of Table 1. Assigned once when the model is built."""
+
+    EMBEDDING = "embedding"
+    POSITION_EMBEDDING = "position_embedding"
+    BLOCK_NORM = "block_norm"
+    HIDDEN_WEIGHT = "hidden_weight"
+    HIDDEN_BIAS = "hidden_bias"
+    FINAL_NORM = "final_norm"
+    UNEMBEDDING = "unembedding"
+
+    @property
+    def in_block(self) -> bool:
+        return self in (Role.BLOCK_NORM, Role.HIDDEN_WEIGHT, Role.HIDDEN_BIAS)
+
+
+@dataclass(frozen=True)
+class RoleRule:
+    """What Table 1 prescribes for one role at one shape.
+
+    init: "normal" (std `init_std`), "ones" or "zeros". `lr_mult` multiplies η_base (and the
+    schedule); `weight_decay` is the AdamW λ of the group; `eps` is Adam's ε.
+    """
+
+    role: Role
+    init: str
+    init_std: float
+    lr_mult: float
+    lr: float
+    weight_decay: float
+    eps: float
+
+
+@dataclass(frozen=True)
+class Parameterization:
+    """A parameterization at one shape. Pure data; every number the model and optimizer use
+    comes from its methods, and so does `diagnose audit`."""
+
+    name: str = "alpha"  # sp | mup | alpha
+    alpha: float = 1.0  # depth exponent α in [0.5, 1]; ignored for sp and mup
+    width: int = 256  # N, the residual-stream width
+    depth: int = 2  # L, the number of transformer blocks
+    base_width: int = 256  # N_base
+    base_depth: int = 2  # L_base
+    sigma_base: float = 0.02  # σ_base, init std at the base shape
+    lr_base: float = 2**-8  # η_base
+    wd_base: float = 0.0  # λ_base (AdamW, PyTorch form)
+    eps_base: float = 1e-12  # ε_base
+    d_head: int = 64  # attention head size (fixed; width grows by adding heads)
+    eps_scope: str = "blocks"  # blocks (Table 1) | all (authors' code)
+    mup_variant: str = "table"  # table | reference-code (µP: ε and WD not width-scaled)
+    attn_scale: str = "auto"  # auto | inv-d-head | inv-sqrt-d-head
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # --- multipliers -------------------------------------------------------------------------------
+    @property
+    def m_n(self) -> float:
+        return self.width / self.base_width
+
+    @property
+    def m_l(self) -> float:
+        return self.depth / self.base_depth
+
+    @property
+    def uses_depth(self) -> bool:
+        return self.name == "alpha"
+
+    @property
+    def label(self) -> str:
+        return f"alpha={self.alpha:g}" if self.uses_depth else self.name
+
+    @property
+    def branch_multiplier(self) -> float:
+        """m_L^(−α) on both residual branches (1 for SP and µP)."""
+        return self.m_l**-self.alpha if self.uses_depth else 1.0
+
+    @property
+    def output_multiplier(self) -> float:
+        """m_N^(−1) on the unembedding's output (µP and α), 1 for SP."""
+        return 1.0 if self.name == "sp" else 1.0 / self.m_n
+
+    @property
+    def attention_scale(self) -> float:
+        rule = self.attn_scale
+        if rule == "auto":
+            rule = "inv-sqrt-d-head" if self.name == "sp" else "inv-d-head"
+        return 1.0 / self.d_head if rule == "inv-d-head" else 1.0 / math.sqrt(self.d_head)
+
+    def _depth_lr(self) -> float:
+        return self.m_l ** (self.alpha - 1.0) if self.uses_depth else 1.0
+
+    def _block_eps(self) -> float:
+        if self.name == "sp" or (self.name == "mup" and self.mup_variant == "reference-code"):
+            return self.eps_base
+        eps = self.eps_base / self.m_n
+        return eps * self.m_l**-self.alpha if self.uses_depth else eps
+
+    # --- Table 1 ---------------------------------------------------------------------------------
+    def rule(self, role: Role) -> RoleRule:
+        """Table 1 for one role: init, LR, weight decay and Adam ε at this shape."""
+        sigma, m_n, eta, lam = self.sigma_base, self.m_n, self.lr_base, self.wd_base
+        width_scaled = self.name != "sp"
+        block_eps = self._block_eps()
+        other_eps = block_eps if self.eps_scope == "all" else self.eps_base
+        if role in (Role.EMBEDDING, Role.POSITION_EMBEDDING, Role.UNEMBEDDING):
+            init, std, lr_mult, wd, eps = "normal", sigma, 1.0, lam, other_eps
+        elif role is Role.FINAL_NORM:
+            init, std, lr_mult, wd, eps = "ones", 0.0, 1.0, 0.0, other_eps
+        elif role is Role.BLOCK_NORM:
+            init, std, lr_mult, wd, eps = "ones", 0.0, self._depth_lr(), 0.0, block_eps
+        elif role is Role.HIDDEN_BIAS:
+            init, std, lr_mult, wd, eps = "zeros", 0.0, self._depth_lr(), 0.0, block_eps
+        elif role is Role.HIDDEN_WEIGHT:
+            std = sigma / math.sqrt(m_n) if width_scaled else sigma
+            lr_mult = (1.0 / m_n if width_scaled else 1.0) * self._depth_lr()
+            wd_scaled = width_scaled and not (self.name == "mup" and self.mup_variant == "reference-code")
+            init, wd, eps = "normal", lam * m_n if wd_scaled else lam, block_eps
+        else:  # pragma: no cover - Role is a closed enum
+            raise ValueError(f"unknown role {role!r}")
+        return RoleRule(role, init, std, lr_mult, eta * lr_mult, wd, eps)
+
+    def table(self) -> list[RoleRule]:
+        return [self.rule(r) for r in Role]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_name(param: str, alpha: float | None) -> tuple[str, float]:
+    """Map a user's `--param` (and optional `--alpha`) to (name, α). Aliases: depth-mup, completep."""
+    key = param.strip().lower()
+    if key in ALIASES:
+        name, preset = ALIASES[key]
+        if alpha is not None and alpha != preset:
+            raise ConfigError(f"--param {param} fixes alpha={preset:g}; got --alpha {alpha:g}")
+        return name, preset
+    if key not in PARAMETERIZATIONS:
+        allowed = ", ".join(PARAMETERIZATIONS + tuple(ALIASES))
+        raise ConfigError(f"unknown parameterization {param!r}; allowed: {allowed}")
+    return key, 1.0 if alpha is None else float(alpha)
+
+
+def validate(p: Parameterization) -> None:
+    """Raise ConfigError naming the offending value and what is allowed."""
+    if p.name not in PARAMETERIZATIONS:
+        raise ConfigError(f"unknown parameterization {p.name!r}; allowed: {', '.join(PARAMETERIZATIONS)}")
+    if not (isinstance(p.alpha, int | float) and 0.5 <= p.alpha <= 1.0):
+        raise ConfigError(f"alpha={p.alpha!r} is outside the allowed range [0.5, 1]")
+    for field in ("width", "depth", "base_width", "base_depth", "d_head"):
+        value = getattr(p, field)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{field}={value!r} must be a positive integer")
+    if p.width % p.d_head:
+        raise ConfigError(f"width={p.width} is not a multiple of the head size {p.d_head}")
+    for field in ("sigma_base", "lr_base"):
+        value = getattr(p, field)
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{field}={value!r} must be a positive finite number")
+    if not (p.wd_base >= 0 and math.isfinite(p.wd_base)):
+        raise ConfigError(f"wd_base={p.wd_base!r} must be a non-negative finite number")
+    if not (p.eps_base > 0 and math.isfinite(p.eps_base)):
+        raise ConfigError(f"eps_base={p.eps_base!r} must be a positive finite number")
+    for field, allowed in (("eps_scope", EPS_SCOPES), ("mup_variant", MUP_VARIANTS), ("attn_scale", ATTN_SCALES)):
+        if getattr(p, field) not in allowed:
+            raise ConfigError(f"{field}={getattr(p, field)!r} is not one of {', '.join(allowed)}")
