@@ -1,0 +1,151 @@
+"""The `diagnose` command: train with probes, audit Table 1, sweep, report, compare, check.
+
+This is the only package that wires trainer, probes and analyses together. Every bad input ends in
+one line naming the value and what is allowed, and a non-zero exit, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from diagnose.commands_analysis import check, compare, report
+from diagnose.options import build_spec, probe_options, run_name, run_options
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """Diagnose lazy versus complete feature learning in deep transformers (CompleteP, Dey et al. 2025).
+
+    Start with `diagnose run --alpha 1`: it trains a small CompleteP GPT on the embedded Shakespeare
+    corpus with probes on, and writes records, figures and a summary into a run dir.
+    """
+
+
+@main.command()
+@run_options
+@probe_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run dir (default: runs/<param>_w<width>_d<depth>_s<seed>_<time>).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--report/--no-report", "make_report", default=True, help="Write figures and summary.md at the end.")
+@click.option("--quiet", is_flag=True, help="Print only the run dir.")
+def run(out: Path | None, resume: bool, make_report: bool, quiet: bool, **opts) -> None:
+    """Train one model with probes on and write its run dir."""
+    from trainer.errors import ConfigError
+    from trainer.loop import NonFiniteLoss
+
+    try:
+        spec, probe_cfg = build_spec(opts)
+        if out is None:
+            if resume:
+                raise ConfigError("--resume needs --out, the run dir to continue")
+            out = Path("runs") / f"{run_name(spec)}_{time.strftime('%Y%m%d-%H%M%S')}"
+        if resume and not (out / "config.json").is_file():
+            raise ConfigError(f"cannot resume: {out} is not a run dir (no config.json)")
+        if not resume and (out / "config.json").exists():
+            raise ConfigError(f"run dir {out} already holds a run; pass --resume to continue it or another --out")
+        if resume:
+            spec, probe_cfg = _stored_spec(out)
+        result = execute_run(spec, probe_cfg, out, resume=resume, quiet=quiet)
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
+    except NonFiniteLoss as err:
+        raise click.ClickException(f"{err}; the last good checkpoint is kept in {out}") from None
+    if make_report and not quiet:
+        from analyses.report import write_report
+
+        write_report([out], out / "report")
+    click.echo(f"run dir: {out}" + (f"  (final val_loss {result['val_loss']:.4f})" if not quiet else ""))
+
+
+def _stored_spec(out: Path):
+    """The spec a run was started with (resume ignores the options given now)."""
+    from probes.recorder import ProbeConfig
+    from trainer.loop import RunSpec
+
+    stored = json.loads((out / "config.json").read_text())
+    probe_cfg = ProbeConfig(**stored["probes"]) if stored.get("probes") else None
+    return RunSpec.from_dict(stored), probe_cfg
+
+
+def execute_run(spec, probe_cfg, out: Path, resume: bool = False, quiet: bool = False) -> dict:
+    """Train `spec` in `out` with probes (None: no probes). Shared by `run` and `sweep` workers."""
+    from probes.recorder import ProbeRecorder
+    from trainer.loop import Trainer
+
+    observers = []
+    extra = {"probes": None}
+    if probe_cfg is not None:
+        recorder = ProbeRecorder(probe_cfg, out, spec)
+        observers.append(recorder)
+        extra["probes"] = probe_cfg.to_dict()
+    trainer = Trainer(spec, out, observers=observers, extra_config=extra, quiet=quiet)
+    return trainer.run(resume=resume)
+
+
+@main.command()
+@click.option("--param", default="completep", show_default=True,
+              help="sp, mup, alpha, depth-mup (α=0.5) or completep (α=1).")
+@click.option("--alpha", type=float, default=None, help="Depth exponent α in [0.5, 1] (with --param alpha).")
+@click.option("--width", type=int, default=256, show_default=True, help="Residual width N.")
+@click.option("--depth", type=int, default=2, show_default=True, help="Number of blocks L.")
+@click.option("--base-width", type=int, default=256, show_default=True, help="N_base.")
+@click.option("--base-depth", type=int, default=2, show_default=True, help="L_base.")
+@click.option("--lr", type=float, default=2**-8, show_default=True, help="η_base.")
+@click.option("--wd", type=float, default=0.1, show_default=True, help="λ_base.")
+@click.option("--eps", type=float, default=1e-12, show_default=True, help="ε_base.")
+@click.option("--sigma", type=float, default=0.02, show_default=True, help="σ_base.")
+@click.option("--eps-scope", type=click.Choice(["blocks", "all"]), default="blocks", show_default=True,
+              help="Scale Adam ε in block params only (Table 1) or everywhere (authors' code).")
+@click.option("--mup-variant", type=click.Choice(["table", "reference-code"]), default="table", show_default=True,
+              help="µP ε/WD per Table 1, or as the authors' µP-only code mode.")
+@click.option("--json", "as_json", is_flag=True, help="Print the audit as JSON.")
+def audit(param: str, alpha: float | None, width: int, depth: int, base_width: int, base_depth: int,
+          lr: float, wd: float, eps: float, sigma: float, eps_scope: str, mup_variant: str, as_json: bool) -> None:
+    """Print Table 1 for a shape next to what the built model and optimizer have; exit 1 on a mismatch."""
+    from diagnose.audit import audit as run_audit
+    from diagnose.audit import format_audit
+    from trainer.errors import ConfigError
+    from trainer.parameterization import Parameterization, resolve_name
+
+    try:
+        name, a = resolve_name(param, alpha)
+        p = Parameterization(name=name, alpha=a, width=width, depth=depth, base_width=base_width,
+                             base_depth=base_depth, lr_base=lr, wd_base=wd, eps_base=eps, sigma_base=sigma,
+                             eps_scope=eps_scope, mup_variant=mup_variant)
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
+    result = run_audit(p)
+    if as_json:
+        rows = [dict(r, branch_multiplier=result["branch_multiplier"],
+                     output_multiplier=result["output_multiplier"], attention_scale=result["attention_scale"])
+                for r in result["rows"]]
+        click.echo(json.dumps({"parameterization": p.to_dict(), "label": p.label, "ok": result["ok"],
+                               "branch_multiplier": result["branch_multiplier"],
+                               "output_multiplier": result["output_multiplier"],
+                               "attention_scale": result["attention_scale"], "rows": rows}, indent=2))
+    else:
+        click.echo(format_audit(p, result))
+    if not result["ok"]:
+        sys.exit(1)
+
+
+main.add_command(report)
+main.add_command(compare)
+main.add_command(check)
+
+try:  # the sweep command lives in its own module
+    from diagnose.sweep import sweep
+
+    main.add_command(sweep)
+except ImportError:  # pragma: no cover - during development only
+    pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""CLI options that map one to one onto the config dataclasses, shared by `run` and `sweep`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+# Defaults sized so that `diagnose run --alpha 1` finishes in a few minutes on a 2-core CPU.
+DEFAULT_WIDTH, DEFAULT_DEPTH, DEFAULT_STEPS = 128, 4, 400
+
+
+def _stack(options: list[Callable]) -> Callable:
+    def decorator(f: Callable) -> Callable:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorator
+
+
+run_options = _stack([
+    click.option("--param", default="alpha", show_default=True,
+                 help="Parameterization: sp, mup, alpha, depth-mup (α=0.5) or completep (α=1)."),
+    click.option("--alpha", type=float, default=None, help="Depth exponent α in [0.5, 1] (default 1)."),
+    click.option("--width", type=int, default=DEFAULT_WIDTH, show_default=True,
+                 help="Residual width N (a multiple of --head-size)."),
+    click.option("--depth", type=int, default=DEFAULT_DEPTH, show_default=True, help="Number of blocks L."),
+    click.option("--head-size", type=int, default=64, show_default=True, help="Attention head size d_head."),
+    click.option("--base-width", type=int, default=256, show_default=True, help="Base width N_base."),
+    click.option("--base-depth", type=int, default=2, show_default=True, help="Base depth L_base."),
+    click.option("--lr", type=float, default=2**-10, show_default=True,
+                 help="Base learning rate η_base (2^-10 was best of 2^-8, 2^-10 for the default shape)."),
+    click.option("--wd", type=float, default=0.0, show_default=True, help="Base AdamW weight decay λ_base."),
+    click.option("--eps", type=float, default=1e-12, show_default=True, help="Base Adam ε_base."),
+    click.option("--sigma", type=float, default=0.02, show_default=True, help="Base init std σ_base."),
+    click.option("--eps-scope", type=click.Choice(["blocks", "all"]), default="blocks", show_default=True,
+                 help="Scale Adam ε in block params only (Table 1) or in every group (authors' code)."),
+    click.option("--mup-variant", type=click.Choice(["table", "reference-code"]), default="table",
+                 show_default=True, help="µP ε/WD per Table 1, or as the authors' µP-only code mode."),
+    click.option("--attn-scale", type=click.Choice(["auto", "inv-d-head", "inv-sqrt-d-head"]), default="auto",
+                 show_default=True, help="Attention logit scale (auto: 1/√d_head for SP, 1/d_head otherwise)."),
+    click.option("--tie-embeddings", is_flag=True, help="Tie the unembedding to the token embedding."),
+    click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True, help="Optimizer updates."),
+    click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per update (global)."),
+    click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per update."),
+    click.option("--seq-len", type=int, default=128, show_default=True, help="Context length in bytes."),
+    click.option("--warmup-frac", type=float, default=0.1, show_default=True, help="Share of warmup steps."),
+    click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]), default="linear",
+                 show_default=True, help="LR decay after warmup."),
+    click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Max grad norm (0: off)."),
+    click.option("--eval-every", type=int, default=100, show_default=True, help="Steps between val losses."),
+    click.option("--checkpoint-every", type=int, default=100, show_default=True,
+                 help="Steps between checkpoints."),
+    click.option("--log-every", type=int, default=10, show_default=True,
+                 help="Steps between metric flushes (the only host syncs of the loss)."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Init and data-order seed."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+                 help="auto: bf16 autocast on CUDA, float32 on CPU."),
+    click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
+                 help="torch.compile the training forward."),
+    click.option("--data", default="shakespeare", show_default=True,
+                 help="'shakespeare' (embedded), a text file, or a token file with --token-dtype."),
+    click.option("--token-dtype", type=click.Choice(["", "uint16", "uint32"]), default="", help="Token file dtype."),
+    click.option("--vocab-size", type=int, default=256, show_default=True, help="Vocabulary (256 for bytes)."),
+])
+
+probe_options = _stack([
+    click.option("--probes/--no-probes", default=True, show_default=True, help="Record probes."),
+    click.option("--probe-every", type=int, default=25, show_default=True,
+                 help="Probe every K steps (plus step 0 and a log-spaced early schedule)."),
+    click.option("--probe-batch", type=int, default=8, show_default=True, help="Sequences in the probe batch."),
+    click.option("--probe-dtype", type=click.Choice(["auto", "float64", "float32"]), default="auto",
+                 show_default=True, help="Linearization precision (auto: float64 on CPU, float32 on CUDA)."),
+    click.option("--probe-flush", type=int, default=8, show_default=True,
+                 help="Probe steps buffered before each append to the store."),
+])
+
+
+def build_spec(opts: dict[str, Any]):
+    """(RunSpec, ProbeConfig | None) from the CLI options; raises ConfigError on bad values."""
+    from probes.recorder import ProbeConfig
+    from trainer.data import DataConfig
+    from trainer.errors import ConfigError
+    from trainer.loop import RunSpec, TrainConfig, validate_train
+    from trainer.model import ModelConfig
+    from trainer.parameterization import Parameterization, resolve_name
+
+    name, alpha = resolve_name(opts["param"], opts["alpha"])
+    if name != "alpha" and opts["alpha"] is not None:
+        raise ConfigError(f"--alpha {opts['alpha']:g} only applies to --param alpha, not {opts['param']!r}")
+    for key in ("seq_len", "vocab_size"):
+        if opts[key] <= 0:
+            raise ConfigError(f"--{key.replace('_', '-')}={opts[key]} must be a positive integer")
+    param = Parameterization(
+        name=name, alpha=alpha, width=opts["width"], depth=opts["depth"], base_width=opts["base_width"],
+        base_depth=opts["base_depth"], sigma_base=opts["sigma"], lr_base=opts["lr"], wd_base=opts["wd"],
+        eps_base=opts["eps"], d_head=opts["head_size"], eps_scope=opts["eps_scope"],
+        mup_variant=opts["mup_variant"], attn_scale=opts["attn_scale"],
+    )
+    model = ModelConfig(seq_len=opts["seq_len"], vocab_size=opts["vocab_size"], tie_embeddings=opts["tie_embeddings"])
+    data = DataConfig(source=opts["data"], token_dtype=opts["token_dtype"], vocab_size=opts["vocab_size"])
+    train = TrainConfig(
+        steps=opts["steps"], batch_size=opts["batch_size"], grad_accum=opts["grad_accum"],
+        warmup_frac=opts["warmup_frac"], schedule=opts["schedule"], grad_clip=opts["grad_clip"],
+        eval_every=opts["eval_every"], checkpoint_every=opts["checkpoint_every"], log_every=opts["log_every"],
+        seed=opts["seed"], device=opts["device"], dtype=opts["dtype"], compile=opts["compile_"],
+    )
+    validate_train(train)
+    probes = None
+    if opts["probes"]:
+        probes = ProbeConfig(every=opts["probe_every"], batch_size=opts["probe_batch"], dtype=opts["probe_dtype"],
+                             flush_every=opts["probe_flush"])
+    return RunSpec(param=param, model=model, data=data, train=train), probes
+
+
+def run_name(spec) -> str:
+    p = spec.param
+    return f"{p.label}_w{p.width}_d{p.depth}_lr{p.lr_base:.3g}_s{spec.train.seed}"

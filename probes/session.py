@@ -1,0 +1,107 @@
+"""One model under observation: the measurements of a probe step, around one optimizer update.
+
+    session = ProbeSession(adapter, probe_batch)
+    session.before_update(step)   # θ_t: activations on the probe batch, stream gradients, θ_t snapshot
+    optimizer.step()
+    values = session.after_update(step)   # θ_{t+1}: Δθ, linearization error, every statistic
+
+Probes run their own forward (and backward) on a fixed probe batch through the eager module; the
+training step is never hooked. Nothing here touches `.grad` of a parameter or any RNG, so training
+is bitwise the same with probes on or off. Values stay on the device until the caller transfers them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from probes.adapters import ModelAdapter
+from probes.hooks import capture
+from probes.linearization import branch_linearization
+from probes.schema import BRANCHES
+from probes.statistics import USER_STATISTICS, ProbeContext, builtin_statistics
+
+
+class ProbeSession:
+    """Holds the probe batch and the reference activations (step 0 and the previous probe step)."""
+
+    def __init__(self, adapter: ModelAdapter, probe_batch: torch.Tensor, dtype: torch.dtype = torch.float64):
+        self.adapter, self.batch, self.dtype = adapter, probe_batch, dtype
+        self.ref0: dict[tuple[int, str], torch.Tensor] | None = None
+        self.prev: dict[tuple[int, str], torch.Tensor] | None = None
+        self.roles = adapter.parameter_roles()
+        self.layers = {n: adapter.layer_of(n) for n in self.roles}
+        self._global_names = {id(p): n for n, p in adapter.model.named_parameters()}
+        self._pending: dict[str, Any] | None = None
+
+    def before_update(self, step: int) -> None:
+        """Measure at θ_t: activations, the stream gradients and a snapshot of θ_t."""
+        model = self.adapter.model
+        was_training = model.training
+        model.eval()  # no dropout (and no RNG use) in a probe forward
+        try:
+            with torch.enable_grad(), capture(self.adapter.sites()) as acts:
+                loss = self.adapter.loss(self.batch)
+                pre = [acts[(l, "resid_pre")] for l in range(self.adapter.depth)]
+                grads = torch.autograd.grad(loss, pre) if loss.requires_grad else [torch.zeros_like(p) for p in pre]
+        finally:
+            model.train(was_training)
+        self._pending = {
+            "step": step,
+            "acts": {k: v.detach().float().clone() for k, v in acts.items()},
+            "grads": [g.detach() for g in grads],
+            "loss": loss.detach(),
+            "before": {n: p.detach().clone() for n, p in model.named_parameters()},
+        }
+
+    def after_update(self, step: int) -> dict[str, torch.Tensor]:
+        """Measure Δθ = θ_{t+1} − θ_t: linearization error and every statistic (device tensors)."""
+        if self._pending is None or self._pending["step"] != step:
+            raise RuntimeError(f"after_update({step}) without a matching before_update")
+        pending, self._pending = self._pending, None
+        model = self.adapter.model
+        after = {n: p.detach() for n, p in model.named_parameters()}
+        lin = {}
+        with self.adapter.linearizable():
+            for layer in range(self.adapter.depth):
+                for name in BRANCHES:
+                    branch, input_site = self.adapter.branch(layer, name)
+                    local = self._local_names(branch)
+                    lin[(layer, name)] = branch_linearization(
+                        branch,
+                        pending["acts"][(layer, input_site)],
+                        {k: pending["before"][g] for k, g in local.items()},
+                        {k: after[g] for k, g in local.items()},
+                        dtype=self.dtype,
+                    )
+        acts = pending["acts"]
+        if self.ref0 is None:
+            self.ref0 = acts
+        ctx = ProbeContext(
+            step=step, depth=self.adapter.depth, acts=acts, ref0=self.ref0, prev=self.prev,
+            grads=pending["grads"], probe_loss=pending["loss"], linearization=lin,
+            params_before=pending["before"], params_after=after, roles=self.roles, layers=self.layers,
+        )
+        values = builtin_statistics(ctx)
+        values["probe_loss"] = pending["loss"].float()
+        for name, stat in USER_STATISTICS.items():
+            values[name] = stat.fn(ctx)
+        self.prev = acts
+        return values
+
+    def _local_names(self, branch: torch.nn.Module) -> dict[str, str]:
+        """Branch-local parameter name → model parameter name (matched by identity, not by string)."""
+        return {k: self._global_names[id(p)] for k, p in branch.named_parameters()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """References for resume: {"ref0": [...], "prev": [...]} as lists of tensors in site order."""
+        keys = sorted(self.adapter.sites())
+        pack = lambda d: None if d is None else [d[k].cpu() for k in keys]  # noqa: E731
+        return {"ref0": pack(self.ref0), "prev": pack(self.prev)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        keys = sorted(self.adapter.sites())
+        device = self.batch.device
+        unpack = lambda v: None if v is None else {k: t.to(device) for k, t in zip(keys, v)}  # noqa: E731
+        self.ref0, self.prev = unpack(state.get("ref0")), unpack(state.get("prev"))
