@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm
 
 from trainer import checkpoint as ckpt
 from trainer.data import DataConfig, TokenData
@@ -160,7 +161,7 @@ class Trainer:
 
     def log(self, msg: str) -> None:
         if self.is_main and not self.quiet:
-            print(msg, flush=True)
+            tqdm.write(msg)
 
     def _write_status(self, state: str, message: str = "") -> None:
         if self.is_main:
@@ -300,6 +301,8 @@ class Trainer:
             self.log("  " + line)
         self._write_status("running")
         self._timer = (time.perf_counter(), 0)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=self.quiet or not self.is_main)
         try:
             while self.step < cfg.steps:
                 step = self.step
@@ -309,7 +312,8 @@ class Trainer:
                 self.step = step + 1
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self.flush_metrics()
-                    self.log(f"step {step:>6}  loss {self.last_loss.item():.4f}")
+                    bar.set_postfix(loss=f"{self.last_loss.item():.4f}", refresh=False)
+                    bar.update(cfg.log_every if self.step % cfg.log_every == 0 else self.step - bar.n)
                 if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.flush_metrics()
                     self.save_checkpoint()
@@ -319,6 +323,7 @@ class Trainer:
             self._write_status("failed", str(err))
             raise
         finally:
+            bar.close()
             for obs in self.observers:
                 obs.close()
         self._write_status("finished")
