@@ -15,6 +15,7 @@ import click
 
 from diagnose.commands_analysis import check, compare, report
 from diagnose.options import build_spec, probe_options, run_name, run_options
+from diagnose.sweep import sweep
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -139,12 +140,7 @@ main.add_command(report)
 main.add_command(compare)
 main.add_command(check)
 
-try:  # the sweep command lives in its own module
-    from diagnose.sweep import sweep
-
-    main.add_command(sweep)
-except ImportError:  # pragma: no cover - during development only
-    pass
+main.add_command(sweep)
 
 
 if __name__ == "__main__":

@@ -334,8 +334,17 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines at or after `step` (written after the checkpoint we resume from)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+        if record["step"] < step:
+            keep.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def dist_info() -> tuple[int, int]:
