@@ -54,6 +54,8 @@ def _run_option_list(lists: bool) -> list[Callable]:
                      show_default=True, help="LR decay after warmup."),
         click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Max grad norm (0: off)."),
         click.option("--eval-every", type=int, default=100, show_default=True, help="Steps between val losses."),
+        click.option("--eval-batches", type=int, default=4, show_default=True,
+                     help="Held-out batches per validation loss."),
         click.option("--checkpoint-every", type=int, default=100, show_default=True,
                      help="Steps between checkpoints."),
         click.option("--log-every", type=int, default=10, show_default=True,
@@ -79,6 +81,8 @@ probe_options = _stack([
     click.option("--probes/--no-probes", default=True, show_default=True, help="Record probes."),
     click.option("--probe-every", type=int, default=25, show_default=True,
                  help="Probe every K steps (plus step 0 and a log-spaced early schedule)."),
+    click.option("--probe-early/--no-probe-early", default=True, show_default=True,
+                 help="Also probe on the log-spaced early schedule 1, 2, 4, ... below --probe-every."),
     click.option("--probe-batch", type=int, default=8, show_default=True, help="Sequences in the probe batch."),
     click.option("--probe-dtype", type=click.Choice(["auto", "float64", "float32"]), default="auto",
                  show_default=True, help="Linearization precision (auto: float64 on CPU, float32 on CUDA)."),
@@ -113,14 +117,15 @@ def build_spec(opts: dict[str, Any]):
     train = TrainConfig(
         steps=opts["steps"], batch_size=opts["batch_size"], grad_accum=opts["grad_accum"],
         warmup_frac=opts["warmup_frac"], schedule=opts["schedule"], grad_clip=opts["grad_clip"],
-        eval_every=opts["eval_every"], checkpoint_every=opts["checkpoint_every"], log_every=opts["log_every"],
+        eval_every=opts["eval_every"], eval_batches=opts["eval_batches"],
+        checkpoint_every=opts["checkpoint_every"], log_every=opts["log_every"],
         seed=opts["seed"], device=opts["device"], dtype=opts["dtype"], compile=opts["compile_"],
     )
     validate_train(train)
     probes = None
     if opts["probes"]:
-        probes = ProbeConfig(every=opts["probe_every"], batch_size=opts["probe_batch"], dtype=opts["probe_dtype"],
-                             flush_every=opts["probe_flush"])
+        probes = ProbeConfig(every=opts["probe_every"], early=opts["probe_early"], batch_size=opts["probe_batch"],
+                             dtype=opts["probe_dtype"], flush_every=opts["probe_flush"])
     return RunSpec(param=param, model=model, data=data, train=train), probes
 
 
