@@ -137,9 +137,12 @@ def find_runs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Pa
 
 def _open_store(path: Path) -> xr.Dataset:
     store = path / schema.STORE_NAME
+    if not path.exists():
+        raise NotARunError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise NotARunError(f"{path}: not a run dir (a file; a run dir is a folder holding {schema.STORE_NAME})")
     if not store.is_dir():
-        what = "is a folder" if path.is_dir() else "does not exist" if not path.exists() else "is a file"
-        raise NotARunError(f"{path}: not a run dir ({what}; no {schema.STORE_NAME} in it)")
+        raise NotARunError(f"{path}: not a run dir (no {schema.STORE_NAME} in it)")
     try:
         with warnings.catch_warnings():
             # A store written without consolidated metadata is fine; xarray warns while falling back.
@@ -179,11 +182,17 @@ def _identity(path: Path, attrs: dict) -> dict:
 def run_identity(path: str | os.PathLike) -> dict:
     """A run's sweep coordinates {param (label), alpha, depth, width, seed, lr, schema_version}.
 
-    Reads only the store's attributes (cheap), not the records.
+    Reads only the store's attributes (a few ms), not the records.
     """
     path = Path(path)
-    with _open_store(path) as ds:
-        return _identity(path, dict(ds.attrs))
+    try:
+        import zarr  # the group's attributes are the Dataset's attrs, without decoding every array
+
+        attrs = dict(zarr.open_group(path / schema.STORE_NAME, mode="r").attrs)
+    except Exception:  # not a zarr group, or another layout: let the full open name the problem
+        with _open_store(path) as ds:
+            attrs = dict(ds.attrs)
+    return _identity(path, attrs)
 
 
 def open_run(path: str | os.PathLike) -> xr.Dataset:
@@ -222,9 +231,12 @@ def load_metrics(run: str | os.PathLike) -> pd.DataFrame:
     """The run's per-step training metrics as a DataFrame sorted by step, one row per step.
 
     Columns: step (int), loss, lr, grad_norm, tokens_per_s (floats), val_loss (NaN at steps
-    without validation), plus any extra keys the trainer wrote. A torn last line (a run killed while
-    writing) is skipped; a step written twice (a resumed run repeats the steps after its last
-    checkpoint) keeps its last record. A missing file gives an empty frame.
+    without validation; loss NaN at a step that has only a validation), plus any extra keys the
+    trainer wrote. Lines with the same step are merged, the later line winning per column: the
+    trainer writes a validation as its own line {"step", "val_loss"}, and a resumed run may repeat
+    steps after its checkpoint. A torn last line (a run killed while writing) is skipped. A missing
+    file gives an empty frame. `df.attrs["nonfinite_loss"]` lists the steps whose written training
+    loss was NaN or inf (a divergence), which the merged NaNs of validation-only steps would hide.
     """
     path = Path(run) / schema.METRICS_NAME
     if not path.is_file():
@@ -240,16 +252,19 @@ def load_metrics(run: str | os.PathLike) -> pd.DataFrame:
             if i == len(lines) - 1:
                 continue
             raise NotARunError(f"{path}: line {i + 1} is not JSON ({err})") from None
+    nonfinite = sorted({int(r["step"]) for r in rows if "loss" in r and "step" in r
+                        and not (isinstance(r["loss"], (int, float)) and math.isfinite(r["loss"]))})
     df = pd.DataFrame(rows)
     for col in METRIC_COLUMNS:
         if col not in df:
             df[col] = np.nan
-    if df.empty:
-        return df[list(METRIC_COLUMNS)].astype({"step": "int64"})
     df = df.dropna(subset=["step"]).astype({"step": "int64"})
-    df = df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+    # groupby().last() takes each column's last non-null value: merges val lines into their step.
+    df = df.groupby("step", sort=True).last().reset_index()
     other = [c for c in df.columns if c not in METRIC_COLUMNS]
-    return df[list(METRIC_COLUMNS) + other]
+    df = df[list(METRIC_COLUMNS) + other]
+    df.attrs["nonfinite_loss"] = nonfinite
+    return df
 
 
 # --- many runs ------------------------------------------------------------------------------------------
@@ -262,9 +277,19 @@ def _sort_sweep(ds: xr.Dataset) -> xr.Dataset:
 
 
 def as_sweep(ds: xr.Dataset) -> xr.Dataset:
-    """A one-run Dataset (from `open_run`) with the sweep dims added; a sweep Dataset is returned as is."""
+    """A one-run Dataset (from `open_run`) with the sweep dims added; a sweep Dataset is returned as is.
+
+    A sweep on which `.sel(depth=8)` dropped some sweep dims (kept as scalar coordinates) gets them
+    back as dims of size 1.
+    """
     if all(d in ds.dims for d in SWEEP_DIMS):
         return ds
+    if all(d in ds.coords for d in SWEEP_DIMS):
+        scalar = [d for d in SWEEP_DIMS if d not in ds.dims]
+        ds = ds.expand_dims(scalar)
+        if "alpha" in ds.coords and "param" not in ds["alpha"].dims:
+            ds = ds.assign_coords(alpha=("param", np.atleast_1d(ds["alpha"].values)))
+        return ds.transpose(*SWEEP_DIMS, ...)
     ident = _identity(Path(ds.attrs.get("run_dir", "<dataset>")), dict(ds.attrs))
     run_dir = ds.attrs.get("run_dir", "")
     state = load_status(run_dir).get("state", "unknown") if run_dir else "unknown"
@@ -333,6 +358,14 @@ def list_runs(ds: xr.Dataset) -> pd.DataFrame:
     df = df[df["run_dir"].map(lambda v: isinstance(v, str) and v != "")]
     df = df.drop(columns=[c for c in df.columns if c not in (*SWEEP_DIMS, "alpha", "run_dir", "state")])
     return df.reset_index(drop=True)
+
+
+def sort_by_param(df: pd.DataFrame, *others: str) -> pd.DataFrame:
+    """`df` sorted by its `param` column in label order (sp, mup, α ascending), then by `others`."""
+    order = {label: i for i, label in enumerate(sorted(df["param"].unique(), key=label_sort_key))}
+    key = df["param"].map(order).rename("_order")
+    out = df.assign(_order=key).sort_values(["_order", *others], kind="stable").drop(columns="_order")
+    return out.reset_index(drop=True)
 
 
 def sweep_values(ds: xr.Dataset, dim: str) -> list:

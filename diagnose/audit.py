@@ -57,6 +57,7 @@ def audit(param: Parameterization, model_config: ModelConfig | None = None, seed
     optimizer = build_optimizer(model, param, roles)
     groups = {g["name"]: g for g in optimizer.param_groups}
     named = dict(model.named_parameters())
+    norm_biases = model.norm_bias_names()
     rows = []
     for role in Role:
         tensors = [named[n] for n, r in roles.items() if r is role]
@@ -74,10 +75,12 @@ def audit(param: Parameterization, model_config: ModelConfig | None = None, seed
             if abs(measured / rule.init_std - 1) > _std_tolerance(count):
                 problems.append(f"init std {measured:.4g} vs {rule.init_std:.4g}")
         else:
-            target = 1.0 if rule.init == "ones" else 0.0
-            measured = max((t - target).abs().max().item() for t in tensors)  # distance from the constant
+            # Constant init: LayerNorm gains at 1, every bias (LayerNorm biases included) at 0.
+            names = [n for n, r in roles.items() if r is role]
+            targets = [0.0 if (rule.init == "zeros" or n in norm_biases) else 1.0 for n in names]
+            measured = max((named[n] - v).abs().max().item() for n, v in zip(names, targets))
             if measured != 0.0:
-                problems.append(f"init not all {rule.init}")
+                problems.append(f"init not all {rule.init} (gains) / zeros (biases)")
         for what, expected, actual in (("lr", rule.lr, group["lr_peak"]), ("wd", rule.weight_decay,
                                        group["weight_decay"]), ("eps", rule.eps, group["eps"])):
             if not _close(expected, actual):

@@ -35,33 +35,62 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--report/--no-report", "make_report", default=True, help="Write figures and summary.md at the end.")
 @click.option("--quiet", is_flag=True, help="Print only the run dir.")
-def run(out: Path | None, resume: bool, make_report: bool, quiet: bool, **opts) -> None:
-    """Train one model with probes on and write its run dir."""
+@click.option("--dist-backend", type=click.Choice(["auto", "gloo", "nccl"]), default="auto", show_default=True,
+              help="Under torchrun: the process-group backend (auto: nccl on CUDA, gloo on CPU).")
+def run(out: Path | None, resume: bool, make_report: bool, quiet: bool, dist_backend: str, **opts) -> None:
+    """Train one model with probes on and write its run dir.
+
+    Data parallel: `torchrun --nproc-per-node N -m diagnose run ... --out DIR` (rank 0 writes).
+    """
     from trainer.errors import ConfigError
-    from trainer.loop import NonFiniteLoss
+    from trainer.loop import NonFiniteLoss, broadcast_from_main, distributed, env_rank_world, validate_train
+
+    main_rank = env_rank_world()[0] == 0
+
+    def fail(message: str):
+        # One line from rank 0; the other ranks exit non-zero without repeating it.
+        if main_rank:
+            raise click.ClickException(message)
+        raise click.exceptions.Exit(1)
 
     try:
         spec, probe_cfg = build_spec(opts)
-        if out is None:
+        if not resume:  # before any process group, so a bad world size fails without a rendezvous
+            validate_train(spec.train, env_rank_world()[1])
+        with distributed(dist_backend, spec.train.device) as (rank, world):
+            # Rank 0 names the run dir (the default holds a timestamp) and checks it; all ranks follow.
+            decision = _decide_out(out, resume, spec) if rank == 0 else None
+            out, error = broadcast_from_main(decision)
+            if error:
+                raise ConfigError(error)
             if resume:
-                raise ConfigError("--resume needs --out, the run dir to continue")
-            out = Path("runs") / f"{run_name(spec)}_{time.strftime('%Y%m%d-%H%M%S')}"
-        if resume and not (out / "config.json").is_file():
-            raise ConfigError(f"cannot resume: {out} is not a run dir (no config.json)")
-        if not resume and (out / "config.json").exists():
-            raise ConfigError(f"run dir {out} already holds a run; pass --resume to continue it or another --out")
-        if resume:
-            spec, probe_cfg = _stored_spec(out)
-        result = execute_run(spec, probe_cfg, out, resume=resume, quiet=quiet)
+                spec, probe_cfg = _stored_spec(out)
+                validate_train(spec.train, world)
+            result = execute_run(spec, probe_cfg, out, resume=resume, quiet=quiet)
     except ConfigError as err:
-        raise click.ClickException(str(err)) from None
+        fail(str(err))
     except NonFiniteLoss as err:
-        raise click.ClickException(f"{err}; the last good checkpoint is kept in {out}") from None
+        fail(f"{err}; the last good checkpoint is kept in {out}")
+    if not main_rank:
+        return
     if make_report and not quiet:
         from analyses.report import write_report
 
         write_report([out], out / "report")
     click.echo(f"run dir: {out}" + (f"  (final val_loss {result['val_loss']:.4f})" if not quiet else ""))
+
+
+def _decide_out(out: Path | None, resume: bool, spec) -> tuple[Path | None, str | None]:
+    """(run dir, None), or (None, why it cannot be used)."""
+    if out is None:
+        if resume:
+            return None, "--resume needs --out, the run dir to continue"
+        out = Path("runs") / f"{run_name(spec)}_{time.strftime('%Y%m%d-%H%M%S')}"
+    if resume and not (out / "config.json").is_file():
+        return None, f"cannot resume: {out} is not a run dir (no config.json)"
+    if not resume and (out / "config.json").exists():
+        return None, f"run dir {out} already holds a run; pass --resume to continue it or another --out"
+    return out, None
 
 
 def _stored_spec(out: Path):
@@ -86,6 +115,7 @@ def execute_run(spec, probe_cfg, out: Path, resume: bool = False, quiet: bool = 
         observers.append(recorder)
         extra["probes"] = probe_cfg.to_dict()
     trainer = Trainer(spec, out, observers=observers, extra_config=extra, quiet=quiet)
+    trainer.extra_config["world_size"] = trainer.world  # config.json: how many processes trained it
     return trainer.run(resume=resume)
 
 

@@ -56,6 +56,8 @@ def _run_option_list(lists: bool) -> list[Callable]:
         click.option("--eval-every", type=int, default=100, show_default=True, help="Steps between val losses."),
         click.option("--eval-batches", type=int, default=4, show_default=True,
                      help="Held-out batches per validation loss."),
+        click.option("--eval-batch-size", type=int, default=16, show_default=True,
+                     help="Sequences per validation batch."),
         click.option("--checkpoint-every", type=int, default=100, show_default=True,
                      help="Steps between checkpoints."),
         click.option("--log-every", type=int, default=10, show_default=True,
@@ -118,6 +120,7 @@ def build_spec(opts: dict[str, Any]):
         steps=opts["steps"], batch_size=opts["batch_size"], grad_accum=opts["grad_accum"],
         warmup_frac=opts["warmup_frac"], schedule=opts["schedule"], grad_clip=opts["grad_clip"],
         eval_every=opts["eval_every"], eval_batches=opts["eval_batches"],
+        eval_batch_size=opts["eval_batch_size"],
         checkpoint_every=opts["checkpoint_every"], log_every=opts["log_every"],
         seed=opts["seed"], device=opts["device"], dtype=opts["dtype"], compile=opts["compile_"],
     )

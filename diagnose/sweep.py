@@ -2,7 +2,9 @@
 
 Re-running the same command is safe: finished runs (and runs that diverged) are skipped, interrupted
 ones continue from their last checkpoint, and the rest start. Slurm submission goes through
-submitit (a job array); `--executor debug` runs the same submitit path in-process, for tests.
+submitit (one job array, one array task per run); `--executor debug` runs the same submitit path
+in-process, for tests. With `--slurm-gpus N > 1` each run is a data-parallel job of N tasks (one per
+GPU) that joins a torch.distributed process group, as under torchrun.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -21,6 +24,10 @@ from diagnose.options import build_spec, probe_options, run_name, sweep_axis_opt
 
 EXECUTORS = ("local", "slurm", "debug")
 SWEEP_NAME = "sweep.json"
+# --slurm-* option -> the submitit Slurm parameter it sets (for --slurm-opt clashes and error messages).
+SLURM_OPTIONS = {"slurm_partition": "partition", "slurm_time": "time", "slurm_gpus": "gpus_per_node",
+                 "slurm_cpus": "cpus_per_task", "slurm_mem": "mem", "slurm_parallel": "array_parallelism",
+                 "slurm_opt": None}
 
 
 def _split(text: str, kind: type) -> list:
@@ -71,47 +78,126 @@ def run_state(run_dir: Path) -> str:
     return "interrupted" if (run_dir / "checkpoint.pt").is_file() else "new"
 
 
-def run_one(spec_dict: dict, probe_dict: dict | None, out: str, resume: bool, threads: int) -> tuple[str, str]:
-    """Worker entry point (a fresh process, or a Slurm job): train one run, return (dir, outcome)."""
+def run_one(spec_dict: dict, probe_dict: dict | None, out: str, resume: bool, threads: int,
+            tasks: int = 1) -> tuple[str, str]:
+    """Worker entry point (a fresh process, or a Slurm job): train one run, return (dir, outcome).
+
+    `tasks` > 1: this is one of the run's data-parallel Slurm tasks (one per GPU); it joins the
+    run's process group through submitit's job environment and only task 0 writes.
+    """
     import torch
 
     from diagnose.cli import execute_run
     from probes.recorder import ProbeConfig
-    from trainer.loop import NonFiniteLoss, RunSpec
+    from trainer.loop import NonFiniteLoss, RunSpec, distributed
 
     torch.set_num_threads(threads)
+    if tasks > 1:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     spec = RunSpec.from_dict(spec_dict)
     probes = ProbeConfig(**probe_dict) if probe_dict else None
     try:
-        execute_run(spec, probes, Path(out), resume=resume, quiet=True)
+        with distributed("auto", spec.train.device):
+            execute_run(spec, probes, Path(out), resume=resume, quiet=True)
     except NonFiniteLoss as err:
         return out, f"diverged ({err})"
     return out, "finished"
+
+
+def _parse_slurm_opts(pairs: tuple[str, ...]) -> dict[str, object]:
+    """`--slurm-opt KEY=VALUE` pairs as submitit Slurm parameters; ClickException on a bad one."""
+    params: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise click.ClickException(f"--slurm-opt {pair!r} must look like KEY=VALUE (e.g. account=myproj)")
+        dedicated = [f"--{o.replace('_', '-')}" for o, k in SLURM_OPTIONS.items() if k == key]
+        if dedicated:
+            raise click.ClickException(f"--slurm-opt {key}=...: use {dedicated[0]} instead")
+        params[key] = int(value) if value.strip().isdigit() else value
+    return params
+
+
+def check_slurm(params: dict[str, object], check_tools: bool = True) -> None:
+    """Refuse, in one line, what would fail at submission: no submitit, no sbatch, an unknown option."""
+    try:
+        import submitit
+    except ImportError:
+        raise click.ClickException("--executor slurm needs submitit: pip install 'completep-diagnostics[slurm]'") \
+            from None
+    known = submitit.SlurmExecutor._valid_parameters()
+    for key in params:
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; known: {', '.join(sorted(known))}"
+            raise click.ClickException(f"--slurm-opt {key}=...: {key!r} is not a Slurm option submitit knows{hint}")
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if check_tools and missing:
+        raise click.ClickException(f"--executor slurm: Slurm's {' and '.join(repr(t) for t in missing)} "
+                                   f"{'is' if len(missing) == 1 else 'are'} not on PATH on this machine; run the "
+                                   "sweep from a cluster login node, or use --executor local")
 
 
 @click.command()
 @sweep_axis_options
 @probe_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Sweep dir.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Local worker processes.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Local worker processes (--executor local).")
 @click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
               help="local process pool, slurm (submitit job array) or debug (submitit, in-process).")
-@click.option("--slurm-partition", default=None, help="Slurm partition.")
-@click.option("--slurm-time", type=int, default=60, show_default=True, help="Minutes per run.")
-@click.option("--slurm-gpus", type=int, default=0, show_default=True, help="GPUs per run.")
-@click.option("--slurm-cpus", type=int, default=2, show_default=True, help="CPUs per run.")
-@click.option("--slurm-parallel", type=int, default=64, show_default=True, help="Max concurrent array tasks.")
-def sweep(out: Path, workers: int, executor: str, slurm_partition: str | None, slurm_time: int, slurm_gpus: int,
-          slurm_cpus: int, slurm_parallel: int, **opts) -> None:
-    """Train a grid of runs. --param, --alpha, --depth, --width, --lr and --seed take comma lists."""
+@click.option("--slurm-partition", default=None, help="Slurm partition (--executor slurm).")
+@click.option("--slurm-time", type=int, default=60, show_default=True, help="Minutes per run (--executor slurm).")
+@click.option("--slurm-gpus", type=int, default=0, show_default=True,
+              help="GPUs per run; more than 1 trains each run data-parallel over them (--executor slurm).")
+@click.option("--slurm-cpus", type=int, default=2, show_default=True, help="CPUs per task (--executor slurm).")
+@click.option("--slurm-mem", type=float, default=None, help="Memory per run in GB (--executor slurm).")
+@click.option("--slurm-parallel", type=int, default=64, show_default=True,
+              help="Max concurrent array tasks (--executor slurm).")
+@click.option("--slurm-opt", multiple=True, metavar="KEY=VALUE",
+              help="Any other submitit Slurm parameter, e.g. account=myproj, qos=high, constraint=a100 "
+                   "(repeatable; --executor slurm).")
+@click.pass_context
+def sweep(ctx: click.Context, out: Path, workers: int, executor: str, slurm_partition: str | None, slurm_time: int,
+          slurm_gpus: int, slurm_cpus: int, slurm_mem: float | None, slurm_parallel: int,
+          slurm_opt: tuple[str, ...], **opts) -> None:
+    """Train a grid of runs. --param, --alpha, --depth, --width, --lr and --seed take comma lists.
+
+    Each run is its own process (a local pool) or its own Slurm array task (--executor slurm).
+    """
     from tqdm import tqdm
 
     from trainer.errors import ConfigError
+    from trainer.loop import env_rank_world, validate_train
 
-    if workers <= 0:
-        raise click.ClickException(f"--workers={workers} must be a positive integer")
-    if executor != "slurm" and slurm_partition is not None:
-        raise click.ClickException(f"--slurm-partition {slurm_partition!r} only applies to --executor slurm")
+    if env_rank_world()[1] > 1:
+        raise click.ClickException("diagnose sweep starts its own processes; launch it without torchrun "
+                                   "(for data-parallel runs on Slurm use --slurm-gpus N)")
+    given = [name for name in SLURM_OPTIONS
+             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]
+    if executor != "slurm" and given:
+        names = ", ".join(f"--{n.replace('_', '-')}" for n in given)
+        raise click.ClickException(f"{names} only appl{'ies' if len(given) == 1 else 'y'} to --executor slurm, "
+                                   f"not --executor {executor}")
+    if executor != "local" and ctx.get_parameter_source("workers") != click.core.ParameterSource.DEFAULT:
+        raise click.ClickException(f"--workers only applies to --executor local, not --executor {executor}")
+    for name, value in (("workers", workers), ("slurm-time", slurm_time), ("slurm-cpus", slurm_cpus),
+                        ("slurm-parallel", slurm_parallel)):
+        if value <= 0:
+            raise click.ClickException(f"--{name}={value} must be a positive integer")
+    if slurm_gpus < 0:
+        raise click.ClickException(f"--slurm-gpus={slurm_gpus} must be 0 or more")
+    if slurm_mem is not None and slurm_mem <= 0:
+        raise click.ClickException(f"--slurm-mem={slurm_mem:g} must be positive (GB)")
+    slurm_params: dict[str, object] = {}
+    if executor == "slurm":
+        slurm_params = _parse_slurm_opts(slurm_opt)
+        check_slurm(slurm_params)
+    tasks = slurm_gpus if executor == "slurm" and slurm_gpus > 1 else 1
     try:
         grid = expand_grid(opts)
         if len(grid) < 2:
@@ -120,6 +206,8 @@ def sweep(out: Path, workers: int, executor: str, slurm_partition: str | None, s
         jobs = []
         for point in grid:
             spec, probes = build_spec(point)
+            if tasks > 1:
+                validate_train(spec.train, tasks)
             jobs.append((spec, probes, out / run_name(spec)))
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
@@ -140,12 +228,20 @@ def sweep(out: Path, workers: int, executor: str, slurm_partition: str | None, s
     if executor == "local":
         outcomes = _run_local(todo, workers, tqdm)
     else:
-        outcomes = _run_submitit(todo, out, executor, slurm_partition, slurm_time, slurm_gpus, slurm_cpus,
-                                 slurm_parallel)
-    diverged = [o for o in outcomes if o[1] != "finished"]
-    for run_dir, outcome in diverged:
+        jobs_ = submit(todo, out, executor, slurm_partition, slurm_time, slurm_gpus, slurm_cpus, slurm_mem,
+                       slurm_parallel, slurm_params)
+        click.echo(f"submitted {len(jobs_)} runs ({executor}"
+                   + (f", job array {jobs_[0].job_id.split('_')[0]}" if executor == "slurm" else "")
+                   + f"; logs in {out / 'submitit'}); waiting for them")
+        outcomes = wait(jobs_, todo)
+    unfinished = [o for o in outcomes if o[1] != "finished"]
+    for run_dir, outcome in unfinished:
         click.echo(f"  {Path(run_dir).name}: {outcome}")
-    click.echo(f"sweep dir: {out}  ({len(outcomes) - len(diverged)} finished, {len(diverged)} diverged)")
+    failed = [o for o in unfinished if o[1].startswith("failed")]
+    click.echo(f"sweep dir: {out}  ({len(outcomes) - len(unfinished)} finished, "
+               f"{len(unfinished) - len(failed)} diverged" + (f", {len(failed)} failed" if failed else "") + ")")
+    if failed:
+        raise click.exceptions.Exit(1)
 
 
 def _run_local(todo: list[tuple], workers: int, tqdm) -> list[tuple[str, str]]:
@@ -161,22 +257,39 @@ def _run_local(todo: list[tuple], workers: int, tqdm) -> list[tuple[str, str]]:
     return outcomes
 
 
-def _run_submitit(todo, out: Path, executor: str, partition, minutes, gpus, cpus, parallel):
-    try:
-        import submitit
-    except ImportError:
-        raise click.ClickException("--executor slurm needs submitit: pip install 'completep-diagnostics[slurm]'") \
-            from None
+def submit(todo: list[tuple], out: Path, executor: str, partition: str | None, minutes: int, gpus: int,
+           cpus: int, mem_gb: float | None, parallel: int, extra: dict[str, object] | None = None) -> list:
+    """Submit `todo` through submitit as one job array (slurm) or in-process jobs (debug); returns the jobs."""
+    import submitit
+
     ex = submitit.AutoExecutor(folder=out / "submitit", cluster="debug" if executor == "debug" else "slurm")
-    params = {"timeout_min": minutes, "cpus_per_task": cpus}
+    tasks = gpus if executor == "slurm" and gpus > 1 else 1
+    params: dict[str, object] = {"timeout_min": minutes, "cpus_per_task": cpus, "name": f"diagnose-{out.name}"}
     if executor == "slurm":
-        params.update(slurm_array_parallelism=parallel, gpus_per_node=gpus)
+        params.update(slurm_array_parallelism=parallel, gpus_per_node=gpus, tasks_per_node=tasks, nodes=1)
+        if mem_gb is not None:
+            params["mem_gb"] = mem_gb
         if partition:
             params["slurm_partition"] = partition
-    ex.update_parameters(**params)
-    columns = list(zip(*[(*job, cpus) for job in todo]))
-    jobs = ex.map_array(run_one, *columns)
-    click.echo(f"submitted {len(jobs)} runs ({executor}); waiting for them")
-    return [job.result() for job in jobs]
+        params.update({f"slurm_{k}": v for k, v in (extra or {}).items()})
+    try:
+        ex.update_parameters(**params)
+    except (ValueError, NameError, AssertionError, TypeError) as err:  # submitit's checks of the values
+        raise click.ClickException(f"submitit refused the Slurm options: {str(err).splitlines()[0]}") from None
+    columns = [list(c) for c in zip(*[(*job, cpus, tasks) for job in todo])]
+    try:
+        return ex.map_array(run_one, *columns)
+    except (OSError, subprocess.CalledProcessError, submitit.core.utils.FailedSubmissionError) as err:
+        raise click.ClickException(f"Slurm submission failed: {str(err).strip().splitlines()[0]}") from None
 
 
+def wait(jobs: list, todo: list[tuple]) -> list[tuple[str, str]]:
+    """Each job's (run dir, outcome); a job that crashed is 'failed (...)', not an exception."""
+    outcomes = []
+    for job, entry in zip(jobs, todo):
+        try:
+            outcomes.append(tuple(job.results()[0]))  # task 0 of a data-parallel run speaks for it
+        except Exception as err:  # noqa: BLE001 - one crashed run must not lose the others' outcomes
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            outcomes.append((entry[2], f"failed ({first}; log: {job.paths.stderr})"))
+    return outcomes

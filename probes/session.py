@@ -18,9 +18,11 @@ import torch
 
 from probes.adapters import ModelAdapter
 from probes.hooks import capture
-from probes.linearization import branch_linearization
+from probes.linearization import LinearizationResult, branch_linearization
 from probes.schema import BRANCHES
-from probes.statistics import USER_STATISTICS, ProbeContext, builtin_statistics
+from probes.statistics import USER_STATISTICS, ProbeContext, builtin_statistics, site_keys, stack_sites
+
+Acts = dict[tuple[int, str], torch.Tensor]
 
 
 class ProbeSession:
@@ -28,12 +30,26 @@ class ProbeSession:
 
     def __init__(self, adapter: ModelAdapter, probe_batch: torch.Tensor, dtype: torch.dtype = torch.float64):
         self.adapter, self.batch, self.dtype = adapter, probe_batch, dtype
-        self.ref0: dict[tuple[int, str], torch.Tensor] | None = None
-        self.prev: dict[tuple[int, str], torch.Tensor] | None = None
+        # Reference activations as one `stack_sites` tensor each; `ref0` / `prev` are dicts of its rows.
+        self._ref0: torch.Tensor | None = None
+        self._prev: torch.Tensor | None = None
         self.roles = adapter.parameter_roles()
         self.layers = {n: adapter.layer_of(n) for n in self.roles}
         self._global_names = {id(p): n for n, p in adapter.model.named_parameters()}
+        self._keys = site_keys(adapter.depth)
+        self._branches: list[tuple[tuple[int, str], torch.nn.Module, str, dict[str, str]]] | None = None
         self._pending: dict[str, Any] | None = None
+
+    @property
+    def ref0(self) -> Acts | None:
+        return None if self._ref0 is None else self._views(self._ref0)
+
+    @property
+    def prev(self) -> Acts | None:
+        return None if self._prev is None else self._views(self._prev)
+
+    def _views(self, stacked: torch.Tensor) -> Acts:
+        return dict(zip(self._keys, stacked.unbind(0)))
 
     def before_update(self, step: int) -> None:
         """Measure at θ_t: activations, the stream gradients and a snapshot of θ_t."""
@@ -47,9 +63,13 @@ class ProbeSession:
                 grads = torch.autograd.grad(loss, pre) if loss.requires_grad else [torch.zeros_like(p) for p in pre]
         finally:
             model.train(was_training)
+        # One copy of every site into a stacked tensor: the statistics reduce it in a few kernels.
+        stacked = stack_sites(acts, self.adapter.depth)
         self._pending = {
             "step": step,
-            "acts": {k: v.detach().float().clone() for k, v in acts.items()},
+            "stack": stacked,
+            "acts": {**{k: v.detach().float().clone() for k, v in acts.items() if k not in self._keys},
+                     **self._views(stacked)},
             "grads": [g.detach() for g in grads],
             "loss": loss.detach(),
             "before": {n: p.detach().clone() for n, p in model.named_parameters()},
@@ -62,33 +82,49 @@ class ProbeSession:
         pending, self._pending = self._pending, None
         model = self.adapter.model
         after = {n: p.detach() for n, p in model.named_parameters()}
-        lin = {}
-        with self.adapter.linearizable():
-            for layer in range(self.adapter.depth):
-                for name in BRANCHES:
-                    branch, input_site = self.adapter.branch(layer, name)
-                    local = self._local_names(branch)
-                    lin[(layer, name)] = branch_linearization(
-                        branch,
-                        pending["acts"][(layer, input_site)],
-                        {k: pending["before"][g] for k, g in local.items()},
-                        {k: after[g] for k, g in local.items()},
-                        dtype=self.dtype,
-                    )
-        acts = pending["acts"]
-        if self.ref0 is None:
-            self.ref0 = acts
+        lin = self.linearization(pending["acts"], pending["before"], after)
+        if self._ref0 is None:
+            self._ref0 = pending["stack"]
         ctx = ProbeContext(
-            step=step, depth=self.adapter.depth, acts=acts, ref0=self.ref0, prev=self.prev,
+            step=step, depth=self.adapter.depth, acts=pending["acts"], ref0=self.ref0, prev=self.prev,
             grads=pending["grads"], probe_loss=pending["loss"], linearization=lin,
             params_before=pending["before"], params_after=after, roles=self.roles, layers=self.layers,
+            acts_stack=pending["stack"], ref0_stack=self._ref0, prev_stack=self._prev,
         )
         values = builtin_statistics(ctx)
         values["probe_loss"] = pending["loss"].float()
         for name, stat in USER_STATISTICS.items():
             values[name] = stat.fn(ctx)
-        self.prev = acts
+        self._prev = pending["stack"]
         return values
+
+    def linearization(
+        self,
+        acts: dict[tuple[int, str], torch.Tensor],
+        params_before: dict[str, torch.Tensor],
+        params_after: dict[str, torch.Tensor],
+    ) -> dict[tuple[int, str], LinearizationResult]:
+        """Linearization error of every branch of every layer, each at its own input site in `acts`.
+
+        `params_*` map model parameter names to θ_t and θ_{t+1}. Evaluated in `self.dtype`.
+        """
+        if self._branches is None:
+            self._branches = []
+            for layer in range(self.adapter.depth):
+                for name in BRANCHES:
+                    branch, input_site = self.adapter.branch(layer, name)
+                    self._branches.append(((layer, name), branch, input_site, self._local_names(branch)))
+        lin = {}
+        with self.adapter.linearizable():
+            for key, branch, input_site, local in self._branches:
+                lin[key] = branch_linearization(
+                    branch,
+                    acts[(key[0], input_site)],
+                    {k: params_before[g] for k, g in local.items()},
+                    {k: params_after[g] for k, g in local.items()},
+                    dtype=self.dtype,
+                )
+        return lin
 
     def _local_names(self, branch: torch.nn.Module) -> dict[str, str]:
         """Branch-local parameter name → model parameter name (matched by identity, not by string)."""
@@ -103,5 +139,7 @@ class ProbeSession:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         keys = sorted(self.adapter.sites())
         device = self.batch.device
-        unpack = lambda v: None if v is None else {k: t.to(device) for k, t in zip(keys, v)}  # noqa: E731
-        self.ref0, self.prev = unpack(state.get("ref0")), unpack(state.get("prev"))
+        depth = self.adapter.depth
+        unpack = lambda v: None if v is None else stack_sites(  # noqa: E731
+            {k: t.to(device) for k, t in zip(keys, v)}, depth)
+        self._ref0, self._prev = unpack(state.get("ref0")), unpack(state.get("prev"))

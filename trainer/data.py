@@ -82,6 +82,9 @@ def load_tokens(cfg: DataConfig) -> np.ndarray:
             raise ConfigError(f"cannot read data file {cfg.source!r}: {err}") from None
     if tokens.size == 0:
         raise ConfigError(f"data source {cfg.source!r} is empty")
+    if not cfg.token_dtype and int(tokens.max()) >= cfg.vocab_size:
+        raise ConfigError(f"data source {cfg.source!r} holds byte {int(tokens.max())}, outside "
+                          f"vocab_size={cfg.vocab_size}; text is read as bytes, so use --vocab-size 256")
     return tokens
 
 
@@ -90,6 +93,8 @@ class TokenData:
 
     def __init__(self, cfg: DataConfig, seq_len: int):
         self.cfg, self.seq_len = cfg, seq_len
+        if not 0 < cfg.val_fraction < 1:
+            raise ConfigError(f"val_fraction={cfg.val_fraction} must be in (0, 1)")
         self.tokens = load_tokens(cfg)
         window = seq_len + 1
         chunk = max(cfg.chunk_tokens, 4 * window)
@@ -109,20 +114,20 @@ class TokenData:
     def num_train_tokens(self) -> int:
         return len(self.train_chunks) * self.chunk
 
-    def _windows(self, chunks: np.ndarray, gen: torch.Generator, n: int) -> torch.Tensor:
+    def _windows(self, chunks: np.ndarray, gen: torch.Generator, n: int, rows: slice = slice(None)) -> torch.Tensor:
+        """`n` seeded windows; only those in `rows` are read (the draws are the same either way)."""
         which = torch.randint(len(chunks), (n,), generator=gen).numpy()
         offset = torch.randint(self.chunk - self.seq_len, (n,), generator=gen).numpy()
-        starts = chunks[which] + offset
-        rows = [np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts]
-        return torch.from_numpy(np.stack(rows))
+        starts = (chunks[which] + offset)[rows]
+        windows = [np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts]
+        return torch.from_numpy(np.stack(windows))
 
     def train_batch(self, seed: int, step: int, batch_size: int, rank: int = 0, world: int = 1) -> torch.Tensor:
         """Windows (batch_size // world, seq_len + 1) of step `step` for this rank: a pure function of
-        (seed, step), so resuming and sharding need no sampler state."""
+        (seed, step), so resuming and sharding need no sampler state. A rank reads only its rows."""
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        windows = self._windows(self.train_chunks, gen, batch_size)
         per_rank = batch_size // world
-        return windows[rank * per_rank : (rank + 1) * per_rank]
+        return self._windows(self.train_chunks, gen, batch_size, slice(rank * per_rank, (rank + 1) * per_rank))
 
     def val_batches(self, n_batches: int, batch_size: int) -> list[torch.Tensor]:
         """A fixed set of held-out windows (the same for every run on this source)."""

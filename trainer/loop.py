@@ -1,10 +1,15 @@
 """The training loop: AdamW with the Table 1 groups, schedule, clipping, accumulation, checkpoints.
 
-Run dir (rank 0 writes everything):
+Run dir (under torchrun, rank 0 writes everything; the other ranks write nothing):
     config.json      the resolved configuration (every section), written before the first step
     metrics.jsonl    one line per step: loss, lr, grad_norm, tokens_per_s (+ val_loss when measured)
     status.json      state (running | finished | failed), last step, message
     checkpoint.pt    the latest good checkpoint (atomic), for --resume
+
+Data parallel (`torchrun --nproc-per-node N -m diagnose run ...`): every rank builds the same model
+(same seed), DistributedDataParallel averages the gradients, each rank takes its slice of the global
+batch of every micro-batch, and the logged loss is all-reduced, so the run matches a 1-process run
+with the same global batch within float tolerance. Probes and validation use the unwrapped module.
 
 The step itself has no host synchronisation: per-step losses and gradient norms stay on the device
 and are transferred once per `log_every` steps, when the non-finite check also runs.
@@ -36,6 +41,7 @@ from trainer.parameterization import Parameterization
 
 METRICS_NAME, STATUS_NAME, CONFIG_NAME = "metrics.jsonl", "status.json", "config.json"
 DTYPES = ("auto", "float32", "bfloat16")
+DIST_BACKENDS = ("auto", "gloo", "nccl")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -55,6 +61,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     eval_every: int = 100  # steps between validation losses (and at the end)
     eval_batches: int = 4  # held-out batches per validation
+    eval_batch_size: int = 16  # sequences per validation batch (fixed, so val losses compare across runs)
     checkpoint_every: int = 100  # steps between checkpoints (and at the end)
     log_every: int = 10  # steps between host transfers of the loss (and the NaN check)
     seed: int = 0  # init and data order
@@ -83,14 +90,16 @@ class RunSpec:
 
 
 def validate_train(cfg: TrainConfig, world: int = 1) -> None:
-    for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every", "log_every"):
+    for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "eval_batch_size",
+                 "checkpoint_every", "log_every"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name}={value!r} must be a positive integer")
     if cfg.batch_size % (cfg.grad_accum * world):
+        why = f": each of the {world} processes takes an equal share of every micro-batch" if world > 1 else ""
         raise ConfigError(
             f"batch_size={cfg.batch_size} is not divisible by grad_accum × world size = "
-            f"{cfg.grad_accum} × {world}"
+            f"{cfg.grad_accum} × {world}{why}"
         )
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"schedule={cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
@@ -123,7 +132,10 @@ class Trainer:
         validate_train(spec.train, self.world)
         self.device = resolve_device(spec.train.device)
         if self.world > 1 and self.device.type == "cuda":
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            self.device = torch.device("cuda", local_cuda_index())
+        if self.world > 1 and dist.get_backend() == "nccl" and self.device.type != "cuda":
+            raise ConfigError(f"the nccl backend needs CUDA tensors, but device={spec.train.device!r}; "
+                              "use --dist-backend gloo for CPU training")
         self.data = TokenData(spec.data, spec.model.seq_len)
         torch.manual_seed(spec.train.seed)
         self.model: GPT = GPT(spec.param, spec.model).to(self.device)
@@ -132,9 +144,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, spec.param, self.roles,
                                          betas=(spec.train.beta1, spec.train.beta2), fused=fused)
         self.train_model: nn.Module = self.model
+        self.ddp_model: nn.parallel.DistributedDataParallel | None = None
         if self.world > 1:
+            # DDP broadcasts rank 0's parameters here; every rank seeded the same anyway.
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.train_model = self.ddp_model
         if spec.train.compile:
             self.train_model = torch.compile(self.train_model)
         self.step = 0  # the next update to run
@@ -199,7 +214,8 @@ class Trainer:
         self.last_val_loss = float(state["last_val_loss"])
         for obs in self.observers:
             obs.load_state_dict(state["observers"].get(obs.name, {}))
-            obs.resume(self.step)
+            if self.is_main:  # observers record on rank 0 only; other ranks must not touch its files
+                obs.resume(self.step)
         if self.is_main:
             truncate_metrics(self.run_dir / METRICS_NAME, self.step)
 
@@ -209,9 +225,8 @@ class Trainer:
         model = self.eager_model
         model.eval()
         cfg = self.spec.train
-        micro = max(1, cfg.batch_size // cfg.grad_accum)
         losses = []
-        for batch in self.data.val_batches(cfg.eval_batches, micro):
+        for batch in self.data.val_batches(cfg.eval_batches, cfg.eval_batch_size):
             batch = batch.to(self.device)
             with self.autocast():
                 losses.append(model(batch[:, :-1], batch[:, 1:]))
@@ -229,10 +244,10 @@ class Trainer:
         for i, micro in enumerate(batch.chunk(cfg.grad_accum)):
             last = i == cfg.grad_accum - 1
             # DDP all-reduces gradients only on the last micro-batch of the update.
-            sync = contextlib.nullcontext() if last or self.world == 1 else self.train_model.no_sync()
-            with sync, self.autocast():
-                loss = self.train_model(micro[:, :-1], micro[:, 1:]) / cfg.grad_accum
-            with sync:
+            sync = contextlib.nullcontext() if last or self.ddp_model is None else self.ddp_model.no_sync()
+            with sync:  # one context for forward and backward (no_sync is a one-shot generator)
+                with self.autocast():
+                    loss = self.train_model(micro[:, :-1], micro[:, 1:]) / cfg.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
         if self.world > 1:
@@ -263,7 +278,9 @@ class Trainer:
         lines, bad = [], None
         lr0 = self.spec.param.lr_base
         for (step, factor, _, _), (loss, gnorm) in zip(self._pending, values.tolist()):
-            if bad is None and not math.isfinite(loss):
+            # A finite loss with a non-finite gradient would still poison the parameters (and the next
+            # checkpoint) through the optimizer step, so both count.
+            if bad is None and not (math.isfinite(loss) and math.isfinite(gnorm)):
                 bad = step
             lines.append(json.dumps({"step": step, "loss": loss, "lr": lr0 * factor, "grad_norm": gnorm,
                                      "tokens_per_s": tps}))
@@ -272,7 +289,7 @@ class Trainer:
             with open(self.run_dir / METRICS_NAME, "a") as f:
                 f.write("\n".join(lines) + "\n")
         if bad is not None:
-            raise NonFiniteLoss(f"non-finite training loss at step {bad}")
+            raise NonFiniteLoss(f"non-finite training loss or gradient norm at step {bad}")
 
     def _record_validation(self, step: int) -> None:
         self.last_val_loss = self.validate()
@@ -287,7 +304,8 @@ class Trainer:
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Train to the configured number of steps. Returns the final metrics."""
         cfg = self.spec.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self.load_checkpoint()
             self.log(f"resumed {self.run_dir} at step {self.step}")
@@ -322,11 +340,16 @@ class Trainer:
         except NonFiniteLoss as err:
             self._write_status("failed", str(err))
             raise
+        except BaseException as err:  # a crash or an interrupt: say so; the checkpoint allows --resume
+            self._write_status("failed", f"{type(err).__name__}: {err}")
+            raise
         finally:
             bar.close()
             for obs in self.observers:
                 obs.close()
         self._write_status("finished")
+        if self.world > 1:
+            dist.barrier()  # every rank leaves once rank 0 has written the final checkpoint and status
         return {"step": self.step, "val_loss": self.last_val_loss}
 
 
@@ -347,12 +370,74 @@ def truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world size), initializing the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def env_rank_world() -> tuple[int, int]:
+    """(rank, world size) as torchrun announces them in the environment, before any process group."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_cuda_index() -> int:
+    """This process's GPU: LOCAL_RANK, wrapped if the launcher already restricted the visible devices."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count()
+    return local % count if count else local
+
+
+def resolve_backend(backend: str = "auto", device: str = "auto") -> str:
+    """gloo or nccl for `backend` (auto | gloo | nccl) and the run's device; ConfigError if impossible."""
+    if backend not in DIST_BACKENDS:
+        raise ConfigError(f"dist backend {backend!r} is not one of {', '.join(DIST_BACKENDS)}")
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ConfigError("--dist-backend nccl needs CUDA, which is not available on this machine; "
+                              "use --dist-backend gloo (or auto) to train on CPU")
+        if device == "cpu":
+            raise ConfigError("--dist-backend nccl cannot reduce CPU tensors (--device cpu); use --dist-backend gloo")
+        return "nccl"
+    if backend == "gloo":
+        return "gloo"
+    return "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+
+
+def init_distributed(backend: str = "auto", device: str = "auto") -> tuple[int, int]:
+    """Join the torchrun process group (if WORLD_SIZE > 1 and not joined yet); returns (rank, world)."""
+    resolved = resolve_backend(backend, device)
+    _, world = env_rank_world()
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        for var in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+            if var not in os.environ:
+                raise ConfigError(f"WORLD_SIZE={world} is set but {var} is not: launch with torchrun "
+                                  "(torchrun --nproc-per-node N -m diagnose run ...)")
+        if resolved == "nccl":
+            torch.cuda.set_device(local_cuda_index())
+        dist.init_process_group(resolved)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextlib.contextmanager
+def distributed(backend: str = "auto", device: str = "auto"):
+    """`init_distributed` for the duration of the block; destroys the process group it created."""
+    created = not dist.is_initialized()
+    rank_world = init_distributed(backend, device)
+    try:
+        yield rank_world
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a no-op without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size), initializing the process group (backend auto) under torchrun."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return init_distributed()

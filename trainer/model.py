@@ -157,20 +157,27 @@ class GPT(nn.Module):
                     tag(module, Role.HIDDEN_WEIGHT, Role.HIDDEN_BIAS)
         tag(self.ln_f, Role.FINAL_NORM)
         tag(self.lm_head, Role.UNEMBEDDING)
-        out = {name: roles[id(p)] for name, p in self.named_parameters()}
-        assert len(out) == len(roles), "a parameter has no role"
-        return out
+        missing = [name for name, p in self.named_parameters() if id(p) not in roles]
+        if missing:
+            raise AssertionError(f"parameters without a role: {missing}")
+        return {name: roles[id(p)] for name, p in self.named_parameters()}
+
+    def norm_bias_names(self) -> set[str]:
+        """LayerNorm biases: they share their gain's role (Table 1 has one Pre-LN row) but start at 0."""
+        biases = {id(m.bias) for m in self.modules() if isinstance(m, nn.LayerNorm) and m.bias is not None}
+        return {name for name, p in self.named_parameters() if id(p) in biases}
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Initialize every parameter from its role's Table 1 rule."""
         params = dict(self.named_parameters())
+        norm_biases = self.norm_bias_names()
         for name, role in self.parameter_roles().items():
             rule = self.param.rule(role)
             p = params[name]
             if rule.init == "normal":
                 nn.init.normal_(p, mean=0.0, std=rule.init_std)
-            elif rule.init == "ones":
+            elif rule.init == "ones" and name not in norm_biases:
                 nn.init.ones_(p)
             else:
                 nn.init.zeros_(p)
@@ -221,10 +228,10 @@ class GPT(nn.Module):
         return n
 
 
-def flops_per_token(param: Parameterization, seq_len: int) -> float:
+def flops_per_token(param: Parameterization, seq_len: int, vocab_size: int = VOCAB_SIZE) -> float:
     """Training FLOPs per token: 6·(non-embedding matmul params) + attention 12·L·N·T (PaLM appendix B)."""
     n, layers = param.width, param.depth
-    matmul_params = layers * 12 * n * n + n * VOCAB_SIZE  # blocks + unembedding
+    matmul_params = layers * 12 * n * n + n * vocab_size  # blocks + unembedding
     return 6 * matmul_params + 12 * layers * n * seq_len
 
 

@@ -1,6 +1,7 @@
 """Synthetic run dirs in the real on-disk format, built from planted power laws plus seeded noise.
 
-Reusable outside this folder: `write_run(path, SynthRun(...))` writes one run dir (probes.zarr via
+Reusable outside this folder (`from tests.analyses.conftest import SynthRun, write_run`):
+`write_run(path, SynthRun(...))` writes one run dir (probes.zarr via
 `xr.Dataset.to_zarr`, appended along `step` in blocks as the trainer does; config.json;
 metrics.jsonl; status.json) and `write_sweep(root, specs)` a sweep dir of them. Each quantity follows
 a known law in depth/width/lr, so analyses can be checked against the exponents planted here.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -48,7 +48,7 @@ class SynthRun:
     seed_noise: float = 0.05  # σ of a log-normal factor per run: the seed-to-seed spread
     final_loss: float = 2.0  # NaN: the run diverges half-way (loss NaN, status failed)
     train_steps: int = 40
-    val_every: int = 10
+    val_every: int | None = 10  # validation every k steps and at the last step; None: no validation
     blocks: int = 2  # number of to_zarr writes of the probe steps (first write + appends)
     variables: tuple[str, ...] | None = None  # subset of schema.VARIABLES to write (None: all)
 
@@ -131,7 +131,11 @@ def probe_dataset(spec: SynthRun) -> xr.Dataset:
     }
     assert set(data) == set(schema.VARIABLES), "builder out of date with probes.schema"
     if spec.variables is not None:
+        # A subset keeps only the coordinates its variables use: each coordinate is one more array to
+        # write and read, and the tests that write subsets run many small stores.
         data = {k: data[k] for k in spec.variables}
+        used = {d for dims, _ in data.values() for d in dims}
+        coords = {k: v for k, v in coords.items() if k in used}
     alpha = spec.alpha if spec.param == "alpha" else math.nan
     config = {"model": {"width": spec.width, "depth": spec.depth}, "param": spec.param, "alpha": alpha, "lr": spec.lr}
     attrs = {
@@ -174,14 +178,18 @@ def write_run(path: str | Path, spec: SynthRun) -> Path:
                 block.to_zarr(path / schema.STORE_NAME, append_dim="step")
     loss = _loss_curve(spec)
     diverged = not math.isfinite(spec.final_loss)
+    # As the trainer writes it: one line per update, and each validation as a line of its own: before
+    # update 0, every val_every updates, and after the last update (step == train_steps).
     with open(path / schema.METRICS_NAME, "w") as f:
         for t, value in enumerate(loss):
+            if spec.val_every is not None and t % spec.val_every == 0:
+                f.write(json.dumps({"step": t, "val_loss": float(value)}) + "\n")
             row = {"step": t, "loss": float(value), "lr": spec.lr, "grad_norm": 1.0, "tokens_per_s": 1e4}
-            if t % spec.val_every == 0 or t == spec.train_steps - 1:
-                row["val_loss"] = float(value)
             f.write(json.dumps(row) + "\n")
             if diverged and not math.isfinite(value):
                 break  # the trainer stops at the first non-finite loss
+        if spec.val_every is not None and not diverged:
+            f.write(json.dumps({"step": spec.train_steps, "val_loss": float(loss[-1])}) + "\n")
     (path / schema.CONFIG_NAME).write_text(ds.attrs["config"])
     state = "failed" if diverged else "finished"
     (path / schema.STATUS_NAME).write_text(json.dumps({"state": state, "step": len(loss)}))
@@ -204,9 +212,16 @@ DEPTH_PARAMS = {
 }
 
 
+# Writing a store costs ~5 ms per variable here, so sweeps record only what their tests read.
+DEPTH_VARIABLES = ("lin_ratio", "nonlin_to_output", "final_abs_mean", "final_rms", "delta0_rms",
+                   "final_update_share", "embed_update_share")
+WIDTH_VARIABLES = ("act_rms", "update_rms", "delta0_rms")
+
+
 def depth_specs(seeds=(0, 1, 2)) -> list[SynthRun]:
     return [
-        SynthRun(param=p, alpha=a if p == "alpha" else 1.0, depth=d, seed=s, depth_exponent=e, share_decay=0.3)
+        SynthRun(param=p, alpha=a if p == "alpha" else 1.0, depth=d, seed=s, depth_exponent=e, share_decay=0.3,
+                 blocks=1, variables=DEPTH_VARIABLES)
         for p, a, e in DEPTH_PARAMS.values()
         for d in DEPTHS
         for s in seeds
@@ -219,7 +234,8 @@ WIDTH_EXPONENT = {"mup": 0.0, "sp": 0.5}
 
 def width_specs() -> list[SynthRun]:
     return [
-        SynthRun(param=p, depth=2, width=w, seed=s, width_exponent=e, steps=(0, 1, 2, 4))
+        SynthRun(param=p, depth=2, width=w, seed=s, width_exponent=e, steps=(0, 1, 2, 4), blocks=1,
+                 variables=WIDTH_VARIABLES)
         for p, e in WIDTH_EXPONENT.items()
         for w in WIDTHS
         for s in (0, 1)
@@ -251,7 +267,7 @@ def transfer_specs() -> list[SynthRun]:
                         loss = math.nan
                     specs.append(
                         SynthRun(param=param, alpha=alpha, depth=depth, seed=seed, lr=2.0**x, final_loss=loss,
-                                 steps=(0, 1), blocks=1, variables=("probe_loss", "final_abs_mean"))
+                                 steps=(0, 1), blocks=1, variables=("probe_loss",))
                     )
     return specs
 
@@ -285,12 +301,42 @@ def one_run(tmp_path) -> Path:
     return write_run(tmp_path / "run", SynthRun(depth=4, share_decay=0.5))
 
 
-# Test modules cannot `from conftest import ...` reliably (pytest re-imports each folder's conftest under
-# the same name), so the builder is handed out as a fixture: `synth.write_run(path, synth.SynthRun(...))`.
-_THIS_MODULE = sys.modules[__name__]
+
+@pytest.fixture(scope="session")
+def cli_sweep(tmp_path_factory) -> Path:
+    """Small sweep dir for CLI tests: α=0.5 and α=1 at depths 2, 4, 8 with 3 seeds, few variables."""
+    root = tmp_path_factory.mktemp("cli_sweep")
+    keep = ("lin_ratio", "nonlin_to_output", "final_abs_mean", "final_rms", "delta0_rms", "final_update_share")
+    write_sweep(root, [SynthRun(alpha=a, depth=d, seed=s, blocks=1, variables=keep)
+                       for a in (0.5, 1.0) for d in (2, 4, 8) for s in (0, 1, 2)])
+    return root
 
 
 @pytest.fixture(scope="session")
-def synth():
-    """This module: SynthRun, write_run, write_sweep, probe_dataset and the planted constants."""
-    return _THIS_MODULE
+def depth_ds(depth_sweep):
+    """The depth sweep opened once (analyses must not modify it)."""
+    from analyses.load import open_sweep
+
+    return open_sweep(depth_sweep)
+
+
+@pytest.fixture(scope="session")
+def transfer_ds(transfer_sweep):
+    from analyses.load import open_sweep
+
+    return open_sweep(transfer_sweep)
+
+
+@pytest.fixture(scope="session")
+def transfer_losses(transfer_ds):
+    """`final_losses` of the transfer sweep (read once)."""
+    from analyses.transfer import final_losses
+
+    return final_losses(transfer_ds)
+
+
+@pytest.fixture(scope="session")
+def width_ds(width_sweep):
+    from analyses.load import open_sweep
+
+    return open_sweep(width_sweep)

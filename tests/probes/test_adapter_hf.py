@@ -45,7 +45,7 @@ def test_branch_jvp_matches_finite_difference(gpt2):
             gen = torch.Generator().manual_seed(3)
             direction = {k: 1e-2 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()}
             with adapter.linearizable():
-                fn = lambda p: torch.func.functional_call(branch, p, (h,))  # noqa: E731
+                fn = lambda p, branch=branch: torch.func.functional_call(branch, p, (h,))  # noqa: E731
                 _, jvp_out = torch.func.jvp(fn, (params,), (direction,))
                 fd = finite_difference_jvp(branch, h, params, direction)
             assert ((jvp_out - fd).norm() / jvp_out.norm()) < 1e-6, name

@@ -1,0 +1,126 @@
+"""LR transfer: final losses from metrics, the quadratic optimum, its bootstrap interval and drift."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analyses import load, transfer
+from analyses.load import InsufficientSweepError
+from probes import schema
+from tests.analyses.conftest import (
+    TRANSFER_DEPTHS,
+    TRANSFER_DRIFT,
+    TRANSFER_LOG2_LRS,
+    SynthRun,
+    planted_log2_lr_opt,
+    write_run,
+)
+
+FEW = ("probe_loss",)
+
+
+def test_final_loss_sources(tmp_path):
+    val = transfer.final_loss(write_run(tmp_path / "v", SynthRun(final_loss=1.5, blocks=1, variables=FEW)))
+    assert val["source"] == "val" and val["loss"] == pytest.approx(1.5, abs=1e-6) and not val["diverged"]
+    no_val = write_run(tmp_path / "t", SynthRun(final_loss=1.5, val_every=None, train_steps=40, blocks=1,
+                                                variables=FEW))
+    res = transfer.final_loss(no_val)
+    metrics = load.load_metrics(no_val)
+    assert res["source"] == "train" and res["loss"] == pytest.approx(metrics["loss"].iloc[-4:].mean())  # 10% of 40
+    bad = transfer.final_loss(write_run(tmp_path / "d", SynthRun(final_loss=math.nan, blocks=1, variables=FEW)))
+    assert bad["diverged"] and bad["loss"] == math.inf and bad["state"] == "failed"
+
+
+def test_failed_status_counts_as_diverged_and_running_is_not_usable(tmp_path):
+    run = write_run(tmp_path / "f", SynthRun(blocks=1, variables=FEW))
+    (run / schema.STATUS_NAME).write_text(json.dumps({"state": "failed", "step": 3}))
+    assert transfer.final_loss(run)["loss"] == math.inf
+    (run / schema.STATUS_NAME).write_text(json.dumps({"state": "running", "step": 3}))
+    losses = transfer.final_losses(run)
+    assert losses["state"].item() == "running" and not losses["usable"].item()
+
+
+@pytest.fixture(scope="module")
+def transfer_result(transfer_losses):
+    return transfer.lr_transfer(transfer_losses, n_boot=400)
+
+
+def test_final_losses_from_paths_equal_from_dataset(transfer_sweep, transfer_losses):
+    from_paths = transfer.final_losses(transfer_sweep)
+    pd.testing.assert_frame_equal(from_paths, transfer_losses)
+    assert len(from_paths) == 2 * 3 * 6 * 2
+
+
+def test_optimum_recovers_planted_optimum_per_depth(transfer_result):
+    optima = transfer_result.optima
+    assert len(optima) == len(TRANSFER_DRIFT) * len(TRANSFER_DEPTHS)
+    for _, r in optima.iterrows():
+        planted = planted_log2_lr_opt(r["param"], r["depth"])
+        assert r["log2_lr_opt"] == pytest.approx(planted, abs=0.05)
+        assert r["lr_opt"] == pytest.approx(2 ** r["log2_lr_opt"])
+        assert r["ci_low"] - 0.03 <= planted <= r["ci_high"] + 0.03
+        assert r["method"] == "quadratic" and not r["at_edge"]
+        # Planted: loss = 2 - 0.05 log2(depth) + curvature * (x - x*)^2, so the best grid loss is near 2 - ...
+        assert r["best_loss"] == pytest.approx(2.0 - 0.05 * math.log2(r["depth"]), abs=0.02)
+
+
+def test_diverged_runs_are_reported_and_excluded(transfer_result):
+    optima = transfer_result.optima.set_index(["param", "depth"])
+    for label in TRANSFER_DRIFT:
+        for depth in TRANSFER_DEPTHS:
+            bad = [x for x in TRANSFER_LOG2_LRS if x - planted_log2_lr_opt(label, depth) > 2.5]
+            assert optima.loc[(label, depth), "n_diverged"] == 2 * len(bad)
+            assert optima.loc[(label, depth), "n_lrs"] == len(TRANSFER_LOG2_LRS) - len(bad)
+    losses = transfer_result.losses
+    assert np.isinf(losses.loc[losses["diverged"], "loss"]).all()
+
+
+def test_drift_recovers_planted_slope(transfer_result):
+    drift = transfer_result.drift.set_index("param")
+    for label, planted in TRANSFER_DRIFT.items():
+        assert drift.loc[label, "slope"] == pytest.approx(planted, abs=0.03)
+        assert drift.loc[label, "ci_low"] - 0.03 <= planted <= drift.loc[label, "ci_high"] + 0.03
+        assert drift.loc[label, "depths"] == list(TRANSFER_DEPTHS)
+    # Independent check of the drift's point estimate.
+    mup = transfer_result.optima[transfer_result.optima.param == "mup"]
+    assert drift.loc["mup", "slope"] == pytest.approx(
+        np.polyfit(np.log2(mup["depth"]), mup["log2_lr_opt"], 1)[0], rel=1e-9)
+
+
+def test_optimum_from_means_matches_polyfit_on_the_window():
+    x = np.arange(-11.0, -5.0)
+    rng = np.random.default_rng(3)
+    means = 2 + 0.05 * (x + 8.3) ** 2 + 0.003 * rng.standard_normal(x.size)
+    for n in (3, 4, 5):
+        got, method = transfer.optimum_from_means(x, means, n_points=n)
+        i = int(np.argmin(means))
+        window = np.argsort(np.abs(x - x[i]), kind="stable")[:n]
+        a, b, _ = np.polyfit(x[window], means[window], 2)
+        assert method == "quadratic" and got[0] == pytest.approx(-b / (2 * a), rel=1e-9)
+
+
+def test_optimum_falls_back_to_grid_and_clips_at_edges():
+    x = np.array([-10.0, -9.0, -8.0, -7.0])
+    concave = 5 - (x + 8.4) ** 2  # a maximum, no minimum: keep the grid's lowest point
+    got, method = transfer.optimum_from_means(x, concave)
+    assert method == "grid" and got[0] == -10.0
+    falling = np.array([3.0, 2.5, 2.2, 2.1])  # minimum beyond the grid's largest LR
+    got, _ = transfer.optimum_from_means(x, falling)
+    assert got[0] <= x.max()
+    got, method = transfer.optimum_from_means(x[:2], falling[:2])
+    assert method == "grid" and got[0] == -9.0
+
+
+def test_at_edge_flag_and_one_lr_is_insufficient(tmp_path):
+    rows = [{"param": "alpha=1", "alpha": 1.0, "depth": 2, "width": 64, "seed": s, "lr": 2.0**x, "log2_lr": x,
+             "loss": 3.0 - 0.1 * x + 0.001 * s, "diverged": False, "usable": True}
+            for x in (-10, -9, -8) for s in (0, 1)]
+    res = transfer.lr_transfer(pd.DataFrame(rows), n_boot=50)
+    assert res.optima["at_edge"].item()
+    with pytest.raises(InsufficientSweepError, match="two or more learning rates"):
+        transfer.lr_transfer(pd.DataFrame(rows[:2]))
