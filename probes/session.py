@@ -20,9 +20,7 @@ from probes.adapters import ModelAdapter
 from probes.hooks import capture
 from probes.linearization import LinearizationResult, branch_linearization
 from probes.schema import BRANCHES
-from probes.statistics import USER_STATISTICS, ProbeContext, builtin_statistics, site_keys, stack_sites
-
-Acts = dict[tuple[int, str], torch.Tensor]
+from probes.statistics import USER_STATISTICS, ProbeContext, builtin_statistics
 
 
 class ProbeSession:
@@ -30,26 +28,13 @@ class ProbeSession:
 
     def __init__(self, adapter: ModelAdapter, probe_batch: torch.Tensor, dtype: torch.dtype = torch.float64):
         self.adapter, self.batch, self.dtype = adapter, probe_batch, dtype
-        # Reference activations as one `stack_sites` tensor each; `ref0` / `prev` are dicts of its rows.
-        self._ref0: torch.Tensor | None = None
-        self._prev: torch.Tensor | None = None
+        self.ref0: dict[tuple[int, str], torch.Tensor] | None = None
+        self.prev: dict[tuple[int, str], torch.Tensor] | None = None
         self.roles = adapter.parameter_roles()
         self.layers = {n: adapter.layer_of(n) for n in self.roles}
         self._global_names = {id(p): n for n, p in adapter.model.named_parameters()}
-        self._keys = site_keys(adapter.depth)
         self._branches: list[tuple[tuple[int, str], torch.nn.Module, str, dict[str, str]]] | None = None
         self._pending: dict[str, Any] | None = None
-
-    @property
-    def ref0(self) -> Acts | None:
-        return None if self._ref0 is None else self._views(self._ref0)
-
-    @property
-    def prev(self) -> Acts | None:
-        return None if self._prev is None else self._views(self._prev)
-
-    def _views(self, stacked: torch.Tensor) -> Acts:
-        return dict(zip(self._keys, stacked.unbind(0)))
 
     def before_update(self, step: int) -> None:
         """Measure at θ_t: activations, the stream gradients and a snapshot of θ_t."""
@@ -63,13 +48,9 @@ class ProbeSession:
                 grads = torch.autograd.grad(loss, pre) if loss.requires_grad else [torch.zeros_like(p) for p in pre]
         finally:
             model.train(was_training)
-        # One copy of every site into a stacked tensor: the statistics reduce it in a few kernels.
-        stacked = stack_sites(acts, self.adapter.depth)
         self._pending = {
             "step": step,
-            "stack": stacked,
-            "acts": {**{k: v.detach().float().clone() for k, v in acts.items() if k not in self._keys},
-                     **self._views(stacked)},
+            "acts": {k: v.detach().float().clone() for k, v in acts.items()},
             "grads": [g.detach() for g in grads],
             "loss": loss.detach(),
             "before": {n: p.detach().clone() for n, p in model.named_parameters()},
@@ -83,19 +64,19 @@ class ProbeSession:
         model = self.adapter.model
         after = {n: p.detach() for n, p in model.named_parameters()}
         lin = self.linearization(pending["acts"], pending["before"], after)
-        if self._ref0 is None:
-            self._ref0 = pending["stack"]
+        acts = pending["acts"]
+        if self.ref0 is None:
+            self.ref0 = acts
         ctx = ProbeContext(
-            step=step, depth=self.adapter.depth, acts=pending["acts"], ref0=self.ref0, prev=self.prev,
+            step=step, depth=self.adapter.depth, acts=acts, ref0=self.ref0, prev=self.prev,
             grads=pending["grads"], probe_loss=pending["loss"], linearization=lin,
             params_before=pending["before"], params_after=after, roles=self.roles, layers=self.layers,
-            acts_stack=pending["stack"], ref0_stack=self._ref0, prev_stack=self._prev,
         )
         values = builtin_statistics(ctx)
         values["probe_loss"] = pending["loss"].float()
         for name, stat in USER_STATISTICS.items():
             values[name] = stat.fn(ctx)
-        self._prev = pending["stack"]
+        self.prev = acts
         return values
 
     def linearization(
@@ -104,11 +85,13 @@ class ProbeSession:
         params_before: dict[str, torch.Tensor],
         params_after: dict[str, torch.Tensor],
     ) -> dict[tuple[int, str], LinearizationResult]:
-        """Linearization error of every branch of every layer, each at its own input site in `acts`.
+        """Linearization error of every branch of every layer, each at its input site in `acts`.
 
-        `params_*` map model parameter names to θ_t and θ_{t+1}. Evaluated in `self.dtype`.
+        `params_*` map model parameter names to θ_t and θ_{t+1}; evaluated in `self.dtype`. This is
+        most of a probe step's cost: per branch, the JVP (primal and tangent) and F(θ + Δθ), in
+        float64 on a CPU (see benchmarks/RESULTS.md).
         """
-        if self._branches is None:
+        if self._branches is None:  # branch modules and their parameter names never change
             self._branches = []
             for layer in range(self.adapter.depth):
                 for name in BRANCHES:
@@ -139,7 +122,5 @@ class ProbeSession:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         keys = sorted(self.adapter.sites())
         device = self.batch.device
-        depth = self.adapter.depth
-        unpack = lambda v: None if v is None else stack_sites(  # noqa: E731
-            {k: t.to(device) for k, t in zip(keys, v)}, depth)
-        self._ref0, self._prev = unpack(state.get("ref0")), unpack(state.get("prev"))
+        unpack = lambda v: None if v is None else {k: t.to(device) for k, t in zip(keys, v)}  # noqa: E731
+        self.ref0, self.prev = unpack(state.get("ref0")), unpack(state.get("prev"))

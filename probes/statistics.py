@@ -22,20 +22,6 @@ from probes.linearization import LinearizationResult
 from probes.schema import BLOCK_ROLES, BRANCHES, EMBED_SITE, FINAL_SITE, GLOBAL_ROLES, SITES
 
 
-def site_keys(depth: int) -> list[tuple[int, str]]:
-    """Row order of stacked site activations: every block site layer by layer, then embed and final."""
-    return [(l, s) for l in range(depth) for s in SITES] + [(-1, EMBED_SITE), (-1, FINAL_SITE)]
-
-
-def stack_sites(acts: dict[tuple[int, str], torch.Tensor], depth: int) -> torch.Tensor:
-    """All site activations in one float32 tensor (sites, *shape), rows in `site_keys` order.
-
-    Every site is a residual-stream-shaped tensor, so one stack holds them, and the statistics
-    reduce all sites in a few kernels instead of a few per site.
-    """
-    return torch.stack([acts[k].detach() for k in site_keys(depth)]).float()
-
-
 @dataclass
 class ProbeContext:
     """One probe step's raw measurements, all on the device."""
@@ -53,21 +39,6 @@ class ProbeContext:
     roles: dict[str, str]
     layers: dict[str, int | None]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
-    # acts / ref0 / prev stacked by `stack_sites` (the session passes the tensors its dicts are views
-    # of); built from the dicts when left None.
-    acts_stack: torch.Tensor | None = None
-    ref0_stack: torch.Tensor | None = None
-    prev_stack: torch.Tensor | None = None
-
-    def stacks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(acts, ref0, prev) as `stack_sites` tensors; prev is None before the second probe step."""
-        if self.acts_stack is None:
-            self.acts_stack = stack_sites(self.acts, self.depth)
-        if self.ref0_stack is None:
-            self.ref0_stack = stack_sites(self.ref0, self.depth)
-        if self.prev_stack is None and self.prev is not None:
-            self.prev_stack = stack_sites(self.prev, self.depth)
-        return self.acts_stack, self.ref0_stack, self.prev_stack
 
 
 @dataclass(frozen=True)
@@ -95,49 +66,40 @@ def rms(x: torch.Tensor) -> torch.Tensor:
     return x.float().pow(2).mean().sqrt()
 
 
-def _row_rms(x: torch.Tensor) -> torch.Tensor:
-    """RMS of each row of (rows, ...): the `rms` of every site at once."""
-    return x.flatten(1).pow(2).mean(1).sqrt()
+def _delta_rms(ctx: ProbeContext, ref: dict | None) -> torch.Tensor:
+    if ref is None:
+        return torch.full((ctx.depth, len(SITES)), float("nan"), device=ctx.probe_loss.device)
+    return torch.stack([torch.stack([rms(ctx.acts[(l, s)] - ref[(l, s)]) for s in SITES]) for l in range(ctx.depth)])
 
 
-def _update_index(names: tuple[str, ...], roles: tuple[str, ...], layers: tuple[int | None, ...],
-                  depth: int) -> list[int]:
-    """Cell of each parameter tensor: (layer, block role), a global role, or the dump cell after them."""
-    n_block = depth * len(BLOCK_ROLES)
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
+
+
+def _update_norms(ctx: ProbeContext) -> dict[str, torch.Tensor]:
+    """‖ΔW‖/‖W‖ and RMS(ΔW) per (layer, block role) and per global role, from squared norms."""
+    names = list(ctx.params_before)
+    before = [ctx.params_before[n].float() for n in names]
+    delta = [ctx.params_after[n].float() - b for n, b in zip(names, before)]
+    d2 = torch.stack(torch._foreach_norm(delta)).pow(2)
+    w2 = torch.stack(torch._foreach_norm(before)).pow(2)
+    device = d2.device
+    numel = torch.tensor([float(b.numel()) for b in before], device=device)
+    # Scatter tensors into (layer, role) cells: one index per tensor, built on the host.
+    n_block = ctx.depth * len(BLOCK_ROLES)
     index = []
-    for role, layer in zip(roles, layers):
+    for n in names:
+        role, layer = ctx.roles[n], ctx.layers[n]
         if layer is not None and role in BLOCK_ROLES:
             index.append(layer * len(BLOCK_ROLES) + BLOCK_ROLES.index(role))
         elif role in GLOBAL_ROLES:
             index.append(n_block + GLOBAL_ROLES.index(role))
         else:
-            index.append(n_block + len(GLOBAL_ROLES))  # roles we do not report
-    return index
-
-
-_INDEX_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _update_norms(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    """‖ΔW‖/‖W‖ and RMS(ΔW) per (layer, block role) and per global role, from squared norms."""
-    names = tuple(ctx.params_before)
-    before = [ctx.params_before[n].float() for n in names]
-    delta = torch._foreach_sub([ctx.params_after[n].float() for n in names], before)
-    d2 = torch.stack(torch._foreach_norm(delta)).pow(2)
-    w2 = torch.stack(torch._foreach_norm(before)).pow(2)
-    device = d2.device
-    # The scatter index and element counts depend only on the model: built on the host once.
-    key = (names, ctx.depth, str(device))
-    if key not in _INDEX_CACHE:
-        index = _update_index(names, tuple(ctx.roles[n] for n in names), tuple(ctx.layers[n] for n in names),
-                              ctx.depth)
-        _INDEX_CACHE.clear()  # one model at a time; keep the cache from growing over many runs
-        _INDEX_CACHE[key] = (torch.tensor(index, device=device),
-                             torch.tensor([float(b.numel()) for b in before], device=device))
-    idx, numel = _INDEX_CACHE[key]
-    n_block = ctx.depth * len(BLOCK_ROLES)
+            index.append(n_block + len(GLOBAL_ROLES))  # a dump cell for roles we do not report
+    idx = torch.tensor(index, device=device)
     cells = n_block + len(GLOBAL_ROLES) + 1
-    d2c, w2c, nc = (torch.zeros(cells, device=device).index_add_(0, idx, v) for v in (d2, w2, numel))
+    sums = [torch.zeros(cells, device=device).index_add_(0, idx, v) for v in (d2, w2, numel)]
+    d2c, w2c, nc = sums
     empty = nc == 0
     rel = (d2c / w2c).sqrt().masked_fill(empty, float("nan"))
     urms = (d2c / nc).sqrt().masked_fill(empty, float("nan"))
@@ -149,57 +111,40 @@ def _update_norms(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     }
 
 
-def _linearization_stats(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    """The five (layer, branch) linearization variables from one stack of the 3·2L norms."""
-    L = ctx.depth
-    norms = torch.stack([
-        x for l in range(L) for b in BRANCHES
-        for x in (ctx.linearization[(l, b)].branch_norm, ctx.linearization[(l, b)].lin_norm,
-                  ctx.linearization[(l, b)].nonlin_norm)
-    ]).view(L, len(BRANCHES), 3)
-    branch, lin, nonlin = norms.unbind(-1)
-    # Ratios in the linearization's precision, then float32 (as LinearizationResult's properties).
-    return {"branch_norm": branch.float(), "lin_norm": lin.float(), "nonlin_norm": nonlin.float(),
-            "lin_ratio": (nonlin / lin).float(), "nonlin_to_output": (nonlin / branch).float()}
-
-
 def builtin_statistics(ctx: ProbeContext) -> dict[str, torch.Tensor]:
-    """Every variable of probes.schema except the losses and effective LRs (the recorder adds those).
-
-    Site statistics reduce the stacked activations (one row per site, `site_keys` order), so their
-    cost does not grow with Python calls per site and layer.
-    """
-    L, S = ctx.depth, len(SITES)
-    n_block = L * S
-    embed, final = n_block, n_block + 1  # rows after the block sites (see site_keys)
-    acts, ref0, prev = ctx.stacks()
-    act_rms = _row_rms(acts)
-    delta0 = acts - ref0
-    delta0_rms = _row_rms(delta0)
+    """Every variable of probes.schema except the losses and effective LRs (the recorder adds those)."""
+    L, acts, ref0 = ctx.depth, ctx.acts, ctx.ref0
     out: dict[str, torch.Tensor] = {
-        "act_rms": act_rms[:n_block].view(L, S),
-        "delta0_rms": delta0_rms[:n_block].view(L, S),
-        "delta_prev_rms": (torch.full((L, S), float("nan"), device=acts.device) if prev is None
-                           else _row_rms(acts[:n_block] - prev[:n_block]).view(L, S)),
+        "act_rms": torch.stack([torch.stack([rms(acts[(l, s)]) for s in SITES]) for l in range(L)]),
+        "delta0_rms": _delta_rms(ctx, ref0),
+        "delta_prev_rms": _delta_rms(ctx, ctx.prev),
     }
-    out.update(_linearization_stats(ctx))
-    # (layer, site) views of the block rows: site s of every layer at once.
-    site = {name: i for i, name in enumerate(SITES)}
-    blocks, blocks_delta0 = acts[:n_block].unflatten(0, (L, S)), delta0[:n_block].unflatten(0, (L, S))
-    rms = out["act_rms"]
-    out["branch_to_stream"] = torch.stack([rms[:, site["attn_add"]] / rms[:, site["resid_pre"]],
-                                           rms[:, site["mlp_add"]] / rms[:, site["resid_mid"]]], dim=1)
-    out["stream_cosine"] = torch.nn.functional.cosine_similarity(
-        blocks[:, site["resid_pre"]], blocks[:, site["resid_post"]], dim=-1).flatten(1).mean(1)
+    lin = [[ctx.linearization[(l, b)] for b in BRANCHES] for l in range(L)]
+    out["branch_norm"] = torch.stack([torch.stack([r.branch_norm for r in row]) for row in lin]).float()
+    out["lin_norm"] = torch.stack([torch.stack([r.lin_norm for r in row]) for row in lin]).float()
+    out["nonlin_norm"] = torch.stack([torch.stack([r.nonlin_norm for r in row]) for row in lin]).float()
+    out["lin_ratio"] = torch.stack([torch.stack([r.lin_ratio for r in row]) for row in lin]).float()
+    out["nonlin_to_output"] = torch.stack([torch.stack([r.nonlin_to_output for r in row]) for row in lin]).float()
+    out["branch_to_stream"] = torch.stack([
+        torch.stack([rms(acts[(l, "attn_add")]) / rms(acts[(l, "resid_pre")]),
+                     rms(acts[(l, "mlp_add")]) / rms(acts[(l, "resid_mid")])])
+        for l in range(L)
+    ])
+    out["stream_cosine"] = torch.stack([_cosine(acts[(l, "resid_pre")], acts[(l, "resid_post")]) for l in range(L)])
     # Each layer's share of the change of the final stream since step 0 (projection onto Δh_final).
-    final_delta = delta0[final].flatten()
+    final_delta = (acts[(-1, FINAL_SITE)] - ref0[(-1, FINAL_SITE)]).float()
     denom = final_delta.pow(2).sum()
-    layer_delta = (blocks_delta0[:, site["attn_add"]] + blocks_delta0[:, site["mlp_add"]]).flatten(1)
-    out["final_update_share"] = (layer_delta * final_delta).sum(1) / denom
-    out["embed_update_share"] = (delta0[embed].flatten() * final_delta).sum() / denom
-    out["grad_rms"] = _row_rms(torch.stack(ctx.grads).float())
-    out["final_rms"] = act_rms[final]
-    out["final_abs_mean"] = acts[final].abs().mean()
-    out["final_delta0_rms"] = delta0_rms[final]
+    shares = []
+    for l in range(L):
+        layer_delta = sum((acts[(l, s)] - ref0[(l, s)]).float() for s in ("attn_add", "mlp_add"))
+        shares.append((layer_delta * final_delta).sum() / denom)
+    out["final_update_share"] = torch.stack(shares)
+    embed_delta = (acts[(-1, EMBED_SITE)] - ref0[(-1, EMBED_SITE)]).float()
+    out["embed_update_share"] = (embed_delta * final_delta).sum() / denom
+    out["grad_rms"] = torch.stack([rms(g) for g in ctx.grads])
+    final = acts[(-1, FINAL_SITE)].float()
+    out["final_rms"] = rms(final)
+    out["final_abs_mean"] = final.abs().mean()
+    out["final_delta0_rms"] = rms(final_delta)
     out.update(_update_norms(ctx))
     return out
