@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from trainer import checkpoint as ckpt
 from trainer.data import DataConfig, TokenData
