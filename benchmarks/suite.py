@@ -14,7 +14,8 @@ each result is a time ratio ours / baseline, the median over repeats with its mi
   probing once per window (every k steps), interleaved window by window. Windows of 100 steps are
   long and few, so the same overhead predicted from the single-step costs is reported beside it.
 - linearization_vs_step: one full linearization measurement (every layer, both branches, in the
-  session's dtype) against one training step, and the peak memory of each.
+  session's dtype, on the recorder's `lin_batch` sequences) against one training step, and the peak
+  memory of each; `linearization_full_batch_vs_step` is the same over the whole probe batch.
 Data are synthetic tokens made once on the device (`benchmarks.synthetic`).
 """
 
@@ -53,6 +54,7 @@ class BenchConfig:
     batch_size: int = 16  # training sequences per optimizer step
     grad_accum: int = 1  # micro-batches per step
     probe_batch: int = 8  # sequences in the probe batch (ProbeConfig's default)
+    lin_batch: int = ProbeConfig.lin_batch_size  # of which the linearization error uses (0: all)
     params: tuple[str, ...] = ("sp", "mup", "depth-mup", "completep")  # parameterizations vs the reference
     probe_param: str = "completep"  # parameterization of the probe and linearization runs
     log_every: int = 10  # steps between host transfers of the loss (both loops)
@@ -205,8 +207,8 @@ def probe_costs(bench: BenchConfig, run_dir: Path) -> dict[str, Any]:
     device = trainer.device
     runner = TrainerRunner(trainer)
     recorders = {
-        k: ProbeRecorder(ProbeConfig(every=k, early=False, batch_size=bench.probe_batch), run_dir / f"probes-k{k}",
-                         trainer.spec)
+        k: ProbeRecorder(ProbeConfig(every=k, early=False, batch_size=bench.probe_batch,
+                                     lin_batch_size=bench.lin_batch), run_dir / f"probes-k{k}", trainer.spec)
         for k in bench.k_values
     }
     flushes = [_FlushTimer(rec) for rec in recorders.values()]
@@ -217,7 +219,7 @@ def probe_costs(bench: BenchConfig, run_dir: Path) -> dict[str, Any]:
         trainer.observers = [rec]
         runner.run(1)
     trainer.observers = []
-    out: dict[str, Any] = {"probe_batch": bench.probe_batch}
+    out: dict[str, Any] = {"probe_batch": bench.probe_batch, "lin_batch": bench.lin_batch or bench.probe_batch}
 
     def use(observers: list, k: int | None = None) -> Callable[[], None]:
         def setup() -> None:
@@ -272,6 +274,12 @@ def probe_costs(bench: BenchConfig, run_dir: Path) -> dict[str, Any]:
     out["linearization_ms"] = 1e3 * summarize(times.wall["linearization"])["median"]
     out["linearization_dtype"] = str(session.dtype).removeprefix("torch.")
     out["linearization_peak_mib"] = peak_memory(measure, device) / 2**20
+    lin_batch_size, session.lin_batch_size = session.lin_batch_size, None
+    try:
+        times = interleaved({"linearization": measure, "step": lambda: runner.run(1)}, bench.repeats, device)
+        out["linearization_full_batch_vs_step"] = times.ratio("linearization", "step")
+    finally:
+        session.lin_batch_size = lin_batch_size
     out["step_peak_mib"] = peak_memory(lambda: runner.run(1), device) / 2**20
     out["host_syncs_in_step"] = host_syncs_in_step(runner)
     return out
@@ -346,7 +354,8 @@ def format_table(result: dict[str, Any]) -> str:
         for key in sorted(k for k in costs if k.startswith("probe_overhead_k") and "from" not in k):
             row(f"{key.removeprefix('probe_')} (windows)", costs[key])
             lines.append(f"    from the step costs: {costs[key + '_from_step_cost']:.3f}")
-        row("linearization vs step", costs["linearization_vs_step"])
+        row(f"linearization vs step ({costs['lin_batch']} seq)", costs["linearization_vs_step"])
+        row(f"  ... whole probe batch ({costs['probe_batch']} seq)", costs["linearization_full_batch_vs_step"])
         lines.append(f"    peak memory: linearization {costs['linearization_peak_mib']:.1f} MiB, "
                      f"step {costs['step_peak_mib']:.1f} MiB ({costs['linearization_dtype']})")
     return "\n".join(lines)

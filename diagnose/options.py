@@ -88,8 +88,12 @@ probe_options = _stack([
     click.option("--probe-batch", type=int, default=8, show_default=True, help="Sequences in the probe batch."),
     click.option("--probe-dtype", type=click.Choice(["auto", "float64", "float32"]), default="auto",
                  show_default=True, help="Linearization precision (auto: float64 on CPU, float32 on CUDA)."),
-    click.option("--probe-flush", type=int, default=8, show_default=True,
+    click.option("--probe-lin-batch", type=int, default=2, show_default=True,
+                 help="Sequences of the probe batch used for the linearization error (0: all)."),
+    click.option("--probe-flush", type=int, default=32, show_default=True,
                  help="Probe steps buffered before each append to the store."),
+    click.option("--probe-flush-seconds", type=float, default=60.0, show_default=True,
+                 help="Append sooner once this many seconds have passed since the last append."),
 ])
 
 
@@ -128,7 +132,8 @@ def build_spec(opts: dict[str, Any]):
     probes = None
     if opts["probes"]:
         probes = ProbeConfig(every=opts["probe_every"], early=opts["probe_early"], batch_size=opts["probe_batch"],
-                             dtype=opts["probe_dtype"], flush_every=opts["probe_flush"])
+                             dtype=opts["probe_dtype"], lin_batch_size=opts["probe_lin_batch"],
+                             flush_every=opts["probe_flush"], flush_seconds=opts["probe_flush_seconds"])
     return RunSpec(param=param, model=model, data=data, train=train), probes
 
 

@@ -26,8 +26,14 @@ from probes.statistics import USER_STATISTICS, ProbeContext, builtin_statistics
 class ProbeSession:
     """Holds the probe batch and the reference activations (step 0 and the previous probe step)."""
 
-    def __init__(self, adapter: ModelAdapter, probe_batch: torch.Tensor, dtype: torch.dtype = torch.float64):
+    def __init__(self, adapter: ModelAdapter, probe_batch: torch.Tensor, dtype: torch.dtype = torch.float64,
+                 lin_batch_size: int | None = None):
+        """`lin_batch_size`: evaluate the linearization error on the first that many sequences of the
+        probe batch only (None: all); every other statistic uses the whole batch."""
+        if lin_batch_size is not None and lin_batch_size <= 0:
+            raise ValueError(f"lin_batch_size={lin_batch_size} must be positive (or None for the whole batch)")
         self.adapter, self.batch, self.dtype = adapter, probe_batch, dtype
+        self.lin_batch_size = lin_batch_size
         self.ref0: dict[tuple[int, str], torch.Tensor] | None = None
         self.prev: dict[tuple[int, str], torch.Tensor] | None = None
         self.roles = adapter.parameter_roles()
@@ -87,7 +93,8 @@ class ProbeSession:
     ) -> dict[tuple[int, str], LinearizationResult]:
         """Linearization error of every branch of every layer, each at its input site in `acts`.
 
-        `params_*` map model parameter names to θ_t and θ_{t+1}; evaluated in `self.dtype`. This is
+        `params_*` map model parameter names to θ_t and θ_{t+1}; evaluated in `self.dtype`, on the first
+        `self.lin_batch_size` sequences (all when None; branches act on each sequence alone). This is
         most of a probe step's cost: per branch, the JVP (primal and tangent) and F(θ + Δθ), in
         float64 on a CPU (see benchmarks/RESULTS.md).
         """
@@ -102,7 +109,7 @@ class ProbeSession:
             for key, branch, input_site, local in self._branches:
                 lin[key] = branch_linearization(
                     branch,
-                    acts[(key[0], input_site)],
+                    acts[(key[0], input_site)][: self.lin_batch_size],
                     {k: params_before[g] for k, g in local.items()},
                     {k: params_after[g] for k, g in local.items()},
                     dtype=self.dtype,

@@ -129,3 +129,72 @@ def test_user_statistic_is_one_registered_function(tmp_path):
         assert np.all(ds.attn_add_abs_max.values > 0)
     finally:
         USER_STATISTICS.pop("attn_add_abs_max")
+
+
+def test_linearization_uses_the_first_lin_batch_size_sequences(tmp_path):
+    """Recorded lin ratios equal a direct branch_linearization on the first 2 of 4 probe sequences."""
+    from probes.linearization import branch_linearization
+
+    spec = tiny_spec(steps=6, depth=2)
+    config = ProbeConfig(every=4, batch_size=4, lin_batch_size=2)
+    snap = Snapshot([4])
+    trainer = Trainer(spec, tmp_path, observers=[ProbeRecorder(config, tmp_path, spec), snap], quiet=True)
+    trainer.run()
+    ds = xr.open_zarr(tmp_path / "probes.zarr").load()
+    model = trainer.model
+    batch = trainer.data.probe_batch(config.batch_size)
+    model.load_state_dict(snap.params[4])
+    adapter = GPTAdapter(model)
+    with torch.no_grad(), capture(adapter.sites()) as acts:
+        adapter.loss(batch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.load_state_dict(snap.params[(4, "after")])
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with adapter.linearizable():
+        for layer in range(2):
+            for name in ("attn", "mlp"):
+                branch, site = adapter.branch(layer, name)
+                local = {k: k2 for k, p in branch.named_parameters() for k2, q in model.named_parameters() if p is q}
+                ratio = {}
+                for n in (2, 4):
+                    res = branch_linearization(branch, acts[(layer, site)][:n].float(),
+                                               {k: before[g] for k, g in local.items()},
+                                               {k: after[g] for k, g in local.items()})
+                    ratio[n] = res.lin_ratio.item()
+                recorded = ds.lin_ratio.sel(step=4, layer=layer, branch=name).item()
+                np.testing.assert_allclose(recorded, ratio[2], rtol=1e-5)
+                assert abs(recorded / ratio[4] - 1) > 1e-5  # the subset is what was measured, not the batch
+
+
+class StoreWatcher(Observer):
+    """After the recorder's after_update: which steps can a reader already see in the store?"""
+
+    name = "watcher"
+
+    def __init__(self, path):
+        self.path, self.seen = path, {}
+
+    def wants(self, step):
+        return True
+
+    def before_update(self, step, trainer):
+        pass
+
+    def after_update(self, step, trainer):
+        self.seen[step] = list(xr.open_zarr(self.path).step.values) if self.path.exists() else []
+
+
+@pytest.mark.parametrize("flush_seconds", [1e-9, 3600.0])
+def test_store_is_appended_once_flush_seconds_have_passed(tmp_path, flush_seconds):
+    spec = tiny_spec(steps=6)  # checkpoints (each flushes the buffer) after steps 3 and 5
+    rec = ProbeRecorder(ProbeConfig(every=2, early=False, flush_every=1000, flush_seconds=flush_seconds),
+                        tmp_path, spec)
+    watcher = StoreWatcher(tmp_path / "probes.zarr")
+    Trainer(spec, tmp_path, observers=[rec, watcher], quiet=True).run()
+    if flush_seconds < 1:
+        assert watcher.seen[2] == [0, 2]  # every probe step is readable as soon as it is measured
+        assert watcher.seen[4] == [0, 2, 4]
+    else:
+        assert watcher.seen[2] == []  # buffered: neither the count nor the time limit was reached
+        assert watcher.seen[4] == [0, 2]  # the checkpoint after step 3 flushed
+    assert list(xr.open_zarr(tmp_path / "probes.zarr").step.values) == [0, 2, 4, 5]

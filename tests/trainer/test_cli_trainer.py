@@ -128,6 +128,9 @@ BAD_RUNS = {
     "param-foo": (["--param", "foo"], "foo"),
     "data-missing": (["--data", "/nonexistent"], "/nonexistent"),
     "data-empty": (["--data", "{empty}"], "empty.txt"),
+    "probe-every-0": (["--probe-every", "0"], "every=0"),
+    "probe-lin-batch-neg": (["--probe-lin-batch", "-1"], "lin_batch_size=-1"),
+    "probe-flush-seconds-0": (["--probe-flush-seconds", "0"], "flush_seconds=0"),
 }
 
 
