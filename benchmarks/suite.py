@@ -36,6 +36,7 @@ from benchmarks.reference import ReferenceGPT, ReferenceLoop
 from benchmarks.synthetic import SyntheticTokens
 from benchmarks.timing import interleaved, summarize
 from probes.hooks import capture
+from probes.probe_log import ProbeLog
 from probes.recorder import ProbeConfig, ProbeRecorder
 from trainer.loop import RunSpec, TrainConfig, Trainer
 from trainer.model import ModelConfig, flops_per_token
@@ -186,19 +187,19 @@ def trainer_vs_reference(bench: BenchConfig, run_dir: Path) -> dict[str, Any]:
 
 
 class _FlushTimer:
-    """Times a recorder's store appends (instrumentation only: the recorder's flush runs unchanged)."""
+    """Times a ProbeLog's store appends (instrumentation only: its flush runs unchanged)."""
 
-    def __init__(self, recorder: ProbeRecorder):
-        self.recorder, self.flush = recorder, recorder.flush
+    def __init__(self, log: ProbeLog):
+        self.log, self.flush = log, log.flush
         self.seconds, self.rows = 0.0, 0
-        recorder.flush = self  # the recorder calls self.flush(): this instance attribute takes precedence
+        log.flush = self  # the log calls self.flush(): this instance attribute takes precedence
 
     def __call__(self) -> None:
-        rows = len(self.recorder._buffer)
+        rows = self.log.pending
         t0 = time.perf_counter()
         self.flush()
         self.seconds += time.perf_counter() - t0
-        self.rows += rows if self.recorder._store is not None else 0
+        self.rows += rows
 
 
 def probe_costs(bench: BenchConfig, run_dir: Path) -> dict[str, Any]:
@@ -211,7 +212,6 @@ def probe_costs(bench: BenchConfig, run_dir: Path) -> dict[str, Any]:
                                      lin_batch_size=bench.lin_batch), run_dir / f"probes-k{k}", trainer.spec)
         for k in bench.k_values
     }
-    flushes = [_FlushTimer(rec) for rec in recorders.values()]
     # Untimed warm-up: plain steps, then one probe step per recorder (torch.func's first call takes seconds).
     runner.run(bench.warmup_steps)
     for k, rec in recorders.items():
@@ -219,6 +219,7 @@ def probe_costs(bench: BenchConfig, run_dir: Path) -> dict[str, Any]:
         trainer.observers = [rec]
         runner.run(1)
     trainer.observers = []
+    flushes = [_FlushTimer(rec.log) for rec in recorders.values()]  # the logs exist after a probe step
     out: dict[str, Any] = {"probe_batch": bench.probe_batch, "lin_batch": bench.lin_batch or bench.probe_batch}
 
     def use(observers: list, k: int | None = None) -> Callable[[], None]:

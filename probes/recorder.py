@@ -1,30 +1,25 @@
-"""The probe recorder: an observer of the training loop that measures on a schedule and writes records.
+"""The probe recorder: a `ProbeLog` driven by the toolkit's `Trainer`, as one of its observers.
 
 Schedule: step 0, a log-spaced early schedule (1, 2, 4, 8, ... below `every`, since early steps move
-most), every `every` steps, and the last step. At each probe step the values stay on the device and
-reach the host in one transfer; they are appended to the zarr store every `flush_every` probe steps, or
-sooner once `flush_seconds` have passed since the last append (so that a reader of a slow run is never
-far behind), and at every checkpoint. An append costs about the same whatever it carries (~0.1 s on a
-CPU, mostly zarr metadata), which is why it is batched.
-Probes run on rank 0 only, on the eager module behind any DDP or compile wrapper.
+most), every `every` steps, and the last step. Buffering, the single host transfer per probe step and
+the appends to `<run_dir>/probes.zarr` are `ProbeLog`'s; the trainer's checkpoints also flush, so a
+resume finds every probe step before its checkpoint on disk. Probes run on rank 0 only, on the eager
+module behind any DDP or compile wrapper.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from probes.adapters import GPTAdapter
-from probes.schema import SCHEMA_VERSION, STORE_NAME, coords_for
-from probes.session import ProbeSession
-from probes.statistics import USER_STATISTICS
+from probes.probe_log import ProbeLog, group_names
+from probes.schema import STORE_NAME
 from probes.store import RecordStore
 from trainer.errors import ConfigError
 from trainer.observers import Observer
@@ -74,14 +69,6 @@ def probe_steps(total_steps: int, every: int, early: bool = True) -> list[int]:
     return sorted(s for s in steps if 0 <= s < total_steps)
 
 
-def versions() -> dict[str, str]:
-    import xarray
-    import zarr
-
-    return {"torch": torch.__version__, "numpy": np.__version__, "xarray": xarray.__version__,
-            "zarr": zarr.__version__, "schema": str(SCHEMA_VERSION)}
-
-
 class ProbeRecorder(Observer):
     """Records probes during `Trainer.run` into `<run_dir>/probes.zarr`."""
 
@@ -90,71 +77,53 @@ class ProbeRecorder(Observer):
     def __init__(self, config: ProbeConfig, run_dir: Path, spec: RunSpec):
         self.config, self.run_dir, self.spec = config, Path(run_dir), spec
         self.steps = set(probe_steps(spec.train.steps, config.every, config.early))
-        self.session: ProbeSession | None = None
+        self.log: ProbeLog | None = None
         self._state: dict[str, Any] = {}
-        self._buffer: list[tuple[int, dict[str, np.ndarray]]] = []
-        self._store: RecordStore | None = None
-        self._last_flush = time.monotonic()
+
+    @property
+    def session(self):
+        return None if self.log is None else self.log.session
 
     def wants(self, step: int) -> bool:
         return step in self.steps
 
     def _setup(self, trainer: Trainer) -> None:
-        if self.session is not None:
+        if self.log is not None:
             return
-        device = trainer.device
         dtype = self.config.dtype
         if dtype == "auto":
-            dtype = "float32" if device.type == "cuda" else "float64"
-        batch = trainer.data.probe_batch(self.config.batch_size, self.config.seed).to(device)
-        self.session = ProbeSession(GPTAdapter(trainer.eager_model), batch, getattr(torch, dtype),
-                                    lin_batch_size=self.config.lin_batch_size or None)
-        if self._state:
-            self.session.load_state_dict(self._state)
+            dtype = "float32" if trainer.device.type == "cuda" else "float64"
+        batch = trainer.data.probe_batch(self.config.batch_size, self.config.seed).to(trainer.device)
         p = self.spec.param
         attrs = {
             "param": p.name, "alpha": p.alpha if p.uses_depth else math.nan, "width": p.width,
             "depth": p.depth, "seed": self.spec.train.seed, "lr": p.lr_base, "label": p.label,
-            "schema_version": SCHEMA_VERSION, "config": json.dumps(self.spec.to_dict()),
-            "probe_config": json.dumps(self.config.to_dict()), "versions": json.dumps(versions()),
-            "probe_dtype": dtype,
+            "config": json.dumps(self.spec.to_dict()), "probe_config": json.dumps(self.config.to_dict()),
         }
-        groups = [g["name"] for g in trainer.optimizer.param_groups]
-        extra = {name: stat.dims for name, stat in USER_STATISTICS.items()}
-        self._store = RecordStore(self.run_dir / STORE_NAME, coords_for(p.depth, groups), attrs, extra)
+        self.log = ProbeLog(
+            GPTAdapter(trainer.eager_model), batch, self.run_dir, steps=self.steps, attrs=attrs,
+            groups=group_names(trainer.optimizer), dtype=getattr(torch, dtype),
+            lin_batch_size=self.config.lin_batch_size or None, flush_every=self.config.flush_every,
+            flush_seconds=self.config.flush_seconds, append=True,  # a resumed run continues its store
+        )
+        if self._state:
+            self.log.session.load_state_dict(self._state)
 
     def before_update(self, step: int, trainer: Trainer) -> None:
         if not trainer.is_main:
             return
         self._setup(trainer)
-        self.session.before_update(step)
+        self.log.before_update(step)
 
     def after_update(self, step: int, trainer: Trainer) -> None:
         if not trainer.is_main:
             return
-        values = self.session.after_update(step)
-        values["train_loss"] = trainer.last_loss.float()
-        values["effective_lr"] = torch.tensor([g["lr"] for g in trainer.optimizer.param_groups])
-        # One device→host transfer for the whole probe step.
-        names = list(values)
-        flat = torch.cat([values[n].detach().reshape(-1).double().to(trainer.device) for n in names]).cpu().numpy()
-        row, offset = {}, 0
-        for n in names:
-            size = values[n].numel()
-            row[n] = flat[offset : offset + size].reshape(tuple(values[n].shape))
-            offset += size
-        row["val_loss"] = np.asarray(trainer.last_val_loss)
-        self._buffer.append((step, row))
-        if (len(self._buffer) >= self.config.flush_every
-                or time.monotonic() - self._last_flush >= self.config.flush_seconds):
-            self.flush()
+        self.log.after_update(step, trainer.optimizer, train_loss=trainer.last_loss,
+                              val_loss=trainer.last_val_loss)
 
     def flush(self) -> None:
-        if self._buffer and self._store is not None:
-            steps, rows = zip(*self._buffer)
-            self._store.append(list(steps), list(rows))
-            self._buffer.clear()
-        self._last_flush = time.monotonic()
+        if self.log is not None:
+            self.log.flush()
 
     def resume(self, step: int) -> None:
         store = RecordStore(self.run_dir / STORE_NAME, {}, {})
