@@ -105,6 +105,8 @@ def _stored_spec(out: Path):
 
 def execute_run(spec, probe_cfg, out: Path, resume: bool = False, quiet: bool = False) -> dict:
     """Train `spec` in `out` with probes (None: no probes). Shared by `run` and `sweep` workers."""
+    import torch
+
     from probes.recorder import ProbeRecorder
     from trainer.loop import Trainer
 
@@ -116,6 +118,7 @@ def execute_run(spec, probe_cfg, out: Path, resume: bool = False, quiet: bool = 
         extra["probes"] = probe_cfg.to_dict()
     trainer = Trainer(spec, out, observers=observers, extra_config=extra, quiet=quiet)
     trainer.extra_config["world_size"] = trainer.world  # config.json: how many processes trained it
+    trainer.extra_config["torch_threads"] = torch.get_num_threads()  # ... and with how many CPU threads each
     return trainer.run(resume=resume)
 
 

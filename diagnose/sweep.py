@@ -148,6 +148,9 @@ def check_slurm(params: dict[str, object], check_tools: bool = True) -> None:
 @probe_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Sweep dir.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Local worker processes (--executor local).")
+@click.option("--threads", type=int, default=None,
+              help="Torch threads per local worker [default: $OMP_NUM_THREADS, else CPU cores // workers]. "
+                   "One per worker is fastest for tiny models on a busy machine.")
 @click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
               help="local process pool, slurm (submitit job array) or debug (submitit, in-process).")
 @click.option("--slurm-partition", default=None, help="Slurm partition (--executor slurm).")
@@ -162,9 +165,9 @@ def check_slurm(params: dict[str, object], check_tools: bool = True) -> None:
               help="Any other submitit Slurm parameter, e.g. account=myproj, qos=high, constraint=a100 "
                    "(repeatable; --executor slurm).")
 @click.pass_context
-def sweep(ctx: click.Context, out: Path, workers: int, executor: str, slurm_partition: str | None, slurm_time: int,
-          slurm_gpus: int, slurm_cpus: int, slurm_mem: float | None, slurm_parallel: int,
-          slurm_opt: tuple[str, ...], **opts) -> None:
+def sweep(ctx: click.Context, out: Path, workers: int, threads: int | None, executor: str,
+          slurm_partition: str | None, slurm_time: int, slurm_gpus: int, slurm_cpus: int,
+          slurm_mem: float | None, slurm_parallel: int, slurm_opt: tuple[str, ...], **opts) -> None:
     """Train a grid of runs. --param, --alpha, --depth, --width, --lr and --seed take comma lists.
 
     Each run is its own process (a local pool) or its own Slurm array task (--executor slurm).
@@ -183,8 +186,11 @@ def sweep(ctx: click.Context, out: Path, workers: int, executor: str, slurm_part
         names = ", ".join(f"--{n.replace('_', '-')}" for n in given)
         raise click.ClickException(f"{names} only appl{'ies' if len(given) == 1 else 'y'} to --executor slurm, "
                                    f"not --executor {executor}")
-    if executor != "local" and ctx.get_parameter_source("workers") != click.core.ParameterSource.DEFAULT:
-        raise click.ClickException(f"--workers only applies to --executor local, not --executor {executor}")
+    for name in ("workers", "threads"):
+        if executor != "local" and ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
+            raise click.ClickException(f"--{name} only applies to --executor local, not --executor {executor}")
+    if threads is not None and threads <= 0:
+        raise click.ClickException(f"--threads={threads} must be a positive integer")
     for name, value in (("workers", workers), ("slurm-time", slurm_time), ("slurm-cpus", slurm_cpus),
                         ("slurm-parallel", slurm_parallel)):
         if value <= 0:
@@ -226,7 +232,7 @@ def sweep(ctx: click.Context, out: Path, workers: int, executor: str, slurm_part
     if not todo:
         return
     if executor == "local":
-        outcomes = _run_local(todo, workers, tqdm)
+        outcomes = _run_local(todo, workers, threads, tqdm)
     else:
         jobs_ = submit(todo, out, executor, slurm_partition, slurm_time, slurm_gpus, slurm_cpus, slurm_mem,
                        slurm_parallel, slurm_params)
@@ -244,9 +250,9 @@ def sweep(ctx: click.Context, out: Path, workers: int, executor: str, slurm_part
         raise click.exceptions.Exit(1)
 
 
-def _run_local(todo: list[tuple], workers: int, tqdm) -> list[tuple[str, str]]:
-    # OMP_NUM_THREADS wins when set: on a busy machine one thread per worker is much faster for tiny models.
-    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // workers))
+def _run_local(todo: list[tuple], workers: int, threads: int | None, tqdm) -> list[tuple[str, str]]:
+    if threads is None:
+        threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // workers))
     if workers == 1:
         return [run_one(*job, threads) for job in tqdm(todo, desc="runs", unit="run")]
     outcomes = []

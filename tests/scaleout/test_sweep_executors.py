@@ -3,10 +3,12 @@ the Slurm path is checked up to `sbatch` with a stand-in `sbatch`; bad options f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import stat
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import diagnose.sweep as sweep_mod
@@ -15,6 +17,15 @@ from diagnose.cli import main
 SWEEP = ["sweep", "--width", "64", "--depth", "2", "--seq-len", "16", "--batch-size", "4", "--steps", "3",
          "--eval-every", "3", "--checkpoint-every", "3", "--log-every", "3", "--seed", "0,1", "--no-probes",
          "--device", "cpu"]
+
+
+@contextlib.contextmanager
+def torch_threads_restored():
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def invoke(args, **kw):
@@ -44,6 +55,16 @@ def test_debug_executor_runs_a_two_run_sweep(tmp_path):
     assert again.exit_code == 0 and "2 already done, 0 to run" in again.output
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_local_sweep_runs_with_the_given_threads(tmp_path, threads):
+    out = tmp_path / "sw"
+    with torch_threads_restored():  # one worker runs in this process
+        result = invoke([*SWEEP, "--threads", str(threads), "--out", str(out)])
+    assert result.exit_code == 0 and "(2 finished, 0 diverged)" in result.output, result.output
+    for name in json.loads((out / "sweep.json").read_text())["runs"]:
+        assert json.loads((out / name / "config.json").read_text())["torch_threads"] == threads
+
+
 @pytest.mark.parametrize("executor", ["local", "debug"])
 @pytest.mark.parametrize("option", [["--slurm-partition", "gpu"], ["--slurm-gpus", "1"], ["--slurm-time", "30"],
                                     ["--slurm-opt", "account=x"]])
@@ -67,9 +88,15 @@ def test_unknown_or_malformed_slurm_option_fails(tmp_path, opt, needle):
     one_line_error(result, needle)
 
 
-def test_workers_on_a_submitit_executor_fails(tmp_path):
-    one_line_error(invoke([*SWEEP, "--executor", "debug", "--workers", "2", "--out", str(tmp_path / "sw")]),
-                   "--workers only applies to --executor local")
+@pytest.mark.parametrize("option", ["--workers", "--threads"])
+def test_local_pool_options_on_a_submitit_executor_fail(tmp_path, option):
+    one_line_error(invoke([*SWEEP, "--executor", "debug", option, "2", "--out", str(tmp_path / "sw")]),
+                   f"{option} only applies to --executor local")
+
+
+def test_threads_must_be_positive(tmp_path):
+    one_line_error(invoke([*SWEEP, "--threads", "0", "--out", str(tmp_path / "sw")]), "--threads=0")
+    assert not (tmp_path / "sw").exists()
 
 
 def test_sweep_under_torchrun_fails(tmp_path, monkeypatch):
