@@ -138,17 +138,25 @@ def width_coord_check_figure(
                            f"Width coordinate check: {variable} at {component}")
 
 
-def update_heatmap_figure(tables: Mapping[str, pd.DataFrame], label: str = "RMS of h(t) − h(0)") -> Figure:
+def update_heatmap_figure(tables: Mapping[str, pd.DataFrame], label: str = "RMS of h(t) − h(0)",
+                          shared_scale: bool = True) -> Figure:
     """Layer × step heatmaps (log colour scale), one panel per entry of `tables` (title → table).
 
     Each table is `profile.layer_step_table` output: index layer, columns probe step. Non-positive
-    entries (step 0 of an update) are blank.
+    entries (step 0 of an update) are blank. `shared_scale`: one colour scale for every panel, so that
+    panels (say α = ½ and α = 1) compare by colour; False gives each panel its own range.
     """
     fig, axes = _panels(len(tables), sharey=False, style="white")
-    for ax, (title, table) in zip(axes[0], tables.items()):
-        values = table.where(table > 0)
-        finite = values.to_numpy()[np.isfinite(values.to_numpy())]
-        norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if finite.size else None
+    panels = {title: table.where(table > 0) for title, table in tables.items()}
+
+    def log_norm(*frames: pd.DataFrame) -> LogNorm | None:
+        values = np.concatenate([f.to_numpy(dtype=float).ravel() for f in frames])
+        finite = values[np.isfinite(values)]
+        return LogNorm(vmin=finite.min(), vmax=finite.max()) if finite.size else None
+
+    shared = log_norm(*panels.values()) if shared_scale and panels else None
+    for ax, (title, values) in zip(axes[0], panels.items()):
+        norm = shared if shared_scale else log_norm(values)
         sns.heatmap(values, ax=ax, norm=norm, cmap="magma", cbar_kws={"label": label})
         ax.invert_yaxis()  # layer 0 at the bottom, as in the network
         ax.set(title=title, xlabel="probe step", ylabel="layer")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
@@ -49,8 +50,19 @@ def test_heatmap_figure(depth_ds):
     cell = depth_ds.sel(param="alpha=1", depth=8)
     tables = {site: profile.layer_step_table(cell, component=site) for site in ("attn_add", "mlp_add")}
     fig = figures.update_heatmap_figure(tables)
-    assert len([ax for ax in fig.axes if ax.get_title()]) == 2  # two heatmaps (plus colour bars)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 2  # two heatmaps (plus colour bars)
     _png(fig)
+    # One colour scale spanning both panels' values; or each panel's own range.
+    values = [t.where(t > 0).to_numpy(dtype=float) for t in tables.values()]
+    low, high = min(np.nanmin(v) for v in values), max(np.nanmax(v) for v in values)
+    for ax in panels:
+        norm = ax.collections[0].norm
+        assert (norm.vmin, norm.vmax) == pytest.approx((low, high))
+    own = figures.update_heatmap_figure(tables, shared_scale=False)
+    for ax, v in zip([ax for ax in own.axes if ax.get_title()], values):
+        assert (ax.collections[0].norm.vmin, ax.collections[0].norm.vmax) == pytest.approx((np.nanmin(v), np.nanmax(v)))
+    assert values[0].max() != pytest.approx(values[1].max())  # so the two modes really differ here
 
 
 def test_transfer_figure_marks_diverged_and_optima(transfer_losses):
