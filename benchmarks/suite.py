@@ -9,7 +9,8 @@ each result is a time ratio ours / baseline, the median over repeats with its mi
   `benchmarks.reference.ReferenceLoop`, per parameterization; the headline is the worst one.
 - probe_step_vs_step: one training step with a probe step (the recorder's before_update and
   after_update: probe forward/backward, linearization, statistics, host transfer) against one plain
-  step. The recorder's zarr append (every `flush_every` probe steps) is timed on its own.
+  step. The recorder's zarr append is timed on its own, and shared over the probe steps that one
+  append carries in a run probing every k steps (`flush_every`, or fewer when `flush_seconds` pass first).
 - probe_overhead_k{k}: the same run in windows of k steps with probes off, and with the recorder
   probing once per window (every k steps), interleaved window by window. Windows of 100 steps are
   long and few, so the same overhead predicted from the single-step costs is reported beside it.
@@ -21,6 +22,7 @@ Data are synthetic tokens made once on the device (`benchmarks.synthetic`).
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 import warnings
@@ -191,15 +193,15 @@ class _FlushTimer:
 
     def __init__(self, log: ProbeLog):
         self.log, self.flush = log, log.flush
-        self.seconds, self.rows = 0.0, 0
+        self.seconds: list[float] = []  # per append that wrote rows
         log.flush = self  # the log calls self.flush(): this instance attribute takes precedence
 
     def __call__(self) -> None:
         rows = self.log.pending
         t0 = time.perf_counter()
         self.flush()
-        self.seconds += time.perf_counter() - t0
-        self.rows += rows
+        if rows:
+            self.seconds.append(time.perf_counter() - t0)
 
 
 def probe_costs(bench: BenchConfig, run_dir: Path) -> dict[str, Any]:
@@ -245,15 +247,19 @@ def probe_costs(bench: BenchConfig, run_dir: Path) -> dict[str, Any]:
         out[f"probe_overhead_k{k}"] = times.ratio("on", "off")
     trainer.observers = []
 
-    # The store appends, amortized over the probe steps they carry (`close` appends the rest).
+    # The store appends: about the same cost whatever they carry; a run with probes every k steps
+    # appends every `flush_every` probe steps, or every `flush_seconds` when that comes first.
     for rec in recorders.values():
         rec.close()
-    rows = sum(f.rows for f in flushes)
-    flush_per_probe_s = sum(f.seconds for f in flushes) / rows if rows else 0.0
-    out["store_append_ms_per_probe_step"] = 1e3 * flush_per_probe_s
+    appends = [t for f in flushes for t in f.seconds]
+    append_s = summarize(appends)["median"] if appends else 0.0
+    out["store_append_ms"] = 1e3 * append_s
+    config = ProbeConfig()
     for k in bench.k_values:
+        rows = min(config.flush_every, max(1, math.ceil(config.flush_seconds / (k * plain_s))))
+        out[f"store_append_ms_per_probe_step_k{k}"] = 1e3 * append_s / rows
         # One probe step (plus its share of store appends) per k steps, from the single-step costs.
-        extra = step_ratio["wall"]["median"] - 1 + flush_per_probe_s / plain_s
+        extra = step_ratio["wall"]["median"] - 1 + append_s / rows / plain_s
         out[f"probe_overhead_k{k}_from_step_cost"] = 1 + extra / k
 
     # One full linearization measurement (all layers, both branches) against one training step.
@@ -354,7 +360,10 @@ def format_table(result: dict[str, Any]) -> str:
         row("probe step vs step", costs["probe_step_vs_step"])
         for key in sorted(k for k in costs if k.startswith("probe_overhead_k") and "from" not in k):
             row(f"{key.removeprefix('probe_')} (windows)", costs[key])
-            lines.append(f"    from the step costs: {costs[key + '_from_step_cost']:.3f}")
+            k = key.removeprefix("probe_overhead_k")
+            lines.append(f"    from the step costs: {costs[key + '_from_step_cost']:.3f} (store append "
+                         f"{costs['store_append_ms']:.0f} ms, {costs['store_append_ms_per_probe_step_k' + k]:.1f} ms "
+                         "per probe step)")
         row(f"linearization vs step ({costs['lin_batch']} seq)", costs["linearization_vs_step"])
         row(f"  ... whole probe batch ({costs['probe_batch']} seq)", costs["linearization_full_batch_vs_step"])
         lines.append(f"    peak memory: linearization {costs['linearization_peak_mib']:.1f} MiB, "
