@@ -99,7 +99,10 @@ def _stored_spec(out: Path):
     from trainer.loop import RunSpec
 
     stored = json.loads((out / "config.json").read_text())
-    probe_cfg = ProbeConfig(**stored["probes"]) if stored.get("probes") else None
+    probe_cfg = None
+    if stored.get("probes"):
+        # Runs recorded before lin_batch_size existed measured the linearization on the whole probe batch.
+        probe_cfg = ProbeConfig(**{"lin_batch_size": 0, **stored["probes"]})
     return RunSpec.from_dict(stored), probe_cfg
 
 

@@ -63,3 +63,20 @@ def test_sigkill_then_resume_gives_complete_duplicate_free_store(tmp_path):
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
     losses = [line for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) == STEPS
+
+
+def test_resume_keeps_the_probe_config_the_run_started_with(tmp_path):
+    """Resume reads the stored probe config; one written before lin_batch_size existed means all sequences."""
+    import json
+
+    from diagnose.cli import _stored_spec
+
+    short = [a if a != str(STEPS) else "4" for a in ARGS]
+    proc = _diagnose(*short, "--probe-lin-batch", "1", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    config_path = tmp_path / "run" / "config.json"
+    assert _stored_spec(tmp_path / "run")[1].lin_batch_size == 1
+    config = json.loads(config_path.read_text())
+    del config["probes"]["lin_batch_size"]
+    config_path.write_text(json.dumps(config))
+    assert _stored_spec(tmp_path / "run")[1].lin_batch_size == 0
