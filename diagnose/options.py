@@ -88,7 +88,7 @@ probe_options = _stack([
     click.option("--probe-batch", type=int, default=8, show_default=True, help="Sequences in the probe batch."),
     click.option("--probe-dtype", type=click.Choice(["auto", "float64", "float32"]), default="auto",
                  show_default=True, help="Linearization precision (auto: float64 on CPU, float32 on CUDA)."),
-    click.option("--probe-lin-batch", type=int, default=2, show_default=True,
+    click.option("--probe-lin-batch", type=int, default=1, show_default=True,
                  help="Sequences of the probe batch used for the linearization error (0: all)."),
     click.option("--probe-flush", type=int, default=32, show_default=True,
                  help="Probe steps buffered before each append to the store."),

@@ -65,7 +65,7 @@ class ProbeLog:
         attrs: dict[str, Any] | None = None,
         groups: list[str] | None = None,
         dtype: torch.dtype | None = None,
-        lin_batch_size: int | None = 2,
+        lin_batch_size: int | None = 1,
         flush_every: int = 32,
         flush_seconds: float = 60.0,
         append: bool = False,

@@ -37,9 +37,10 @@ class ProbeConfig:
     batch_size: int = 8  # sequences in the fixed probe batch (held-out data)
     dtype: str = "auto"  # linearization precision: auto = float64 on CPU, float32 on CUDA
     # Sequences of the probe batch (the first ones) over which the linearization error is evaluated;
-    # 0 = all. Two sequences move the ratios by a median 0.6% (max 4%) against eight, far below the
-    # depth effect they measure (docs/PROBES.md), at a quarter of the float64 cost.
-    lin_batch_size: int = 2
+    # 0 = all. Against all eight, one sequence of 64 tokens moved the layer-averaged ratios by a median
+    # 1% (max 6%) on 18 depth-sweep checkpoints, where the depth effect is 4×, at a fifth of the
+    # float64 cost (python -m benchmarks.lin_subset; benchmarks/RESULTS.md).
+    lin_batch_size: int = 1
     flush_every: int = 32  # probe steps buffered before each append to the store ...
     flush_seconds: float = 60.0  # ... or fewer, once this long has passed since the last append
     seed: int = 0  # which held-out windows form the probe batch

@@ -39,7 +39,7 @@ def golden_spec(alpha: float, depth: int, seed: int) -> RunSpec:
 def train_golden_run(out: Path, alpha: float, depth: int, seed: int) -> Path:
     spec = golden_spec(alpha, depth, seed)
     run_dir = out / f"a{alpha:g}_d{depth}_s{seed}"
-    recorder = ProbeRecorder(ProbeConfig(every=1, batch_size=2), run_dir, spec)
+    recorder = ProbeRecorder(ProbeConfig(every=1, batch_size=2, lin_batch_size=0), run_dir, spec)
     Trainer(spec, run_dir, observers=[recorder], quiet=True).run()
     return run_dir
 

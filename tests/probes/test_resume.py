@@ -72,10 +72,10 @@ def test_resume_keeps_the_probe_config_the_run_started_with(tmp_path):
     from diagnose.cli import _stored_spec
 
     short = [a if a != str(STEPS) else "4" for a in ARGS]
-    proc = _diagnose(*short, "--probe-lin-batch", "1", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    proc = _diagnose(*short, "--probe-lin-batch", "2", "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     config_path = tmp_path / "run" / "config.json"
-    assert _stored_spec(tmp_path / "run")[1].lin_batch_size == 1
+    assert _stored_spec(tmp_path / "run")[1].lin_batch_size == 2
     config = json.loads(config_path.read_text())
     del config["probes"]["lin_batch_size"]
     config_path.write_text(json.dumps(config))
