@@ -64,7 +64,8 @@ class BenchConfig:
     block_steps: int = 1  # steps per timed block, trainer vs reference
     repeats: int = 21  # interleaved repeats: trainer vs reference, probe step, linearization
     k_values: tuple[int, ...] = (10, 100)  # probe every k steps
-    window_repeats: int = 3  # interleaved (off, on) window pairs per k
+    window_repeats: int = 7  # interleaved (off, on) window pairs at the largest k; smaller k get as many
+    # more as cover the same number of steps, up to `repeats` (short windows are the noisier ones)
     warmup_steps: int = 3  # untimed steps before any timing
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # training precision, as TrainConfig.dtype (auto: bf16 autocast on CUDA)
@@ -242,8 +243,9 @@ def probe_costs(bench: BenchConfig, run_dir: Path) -> dict[str, Any]:
 
     # The same run in windows of k steps: probes off, or one probe step per window.
     for k, rec in recorders.items():
+        pairs = max(bench.window_repeats, min(bench.repeats, bench.window_repeats * max(bench.k_values) // k))
         times = interleaved({"off": lambda k=k: runner.run(k), "on": lambda k=k: runner.run(k)},
-                            bench.window_repeats, device, setup={"off": use([], k), "on": use([rec], k)})
+                            pairs, device, setup={"off": use([], k), "on": use([rec], k)})
         out[f"probe_overhead_k{k}"] = times.ratio("on", "off")
     trainer.observers = []
 
