@@ -32,8 +32,16 @@ def test_cli_writes_every_headline_ratio(tmp_path, capsys):
     assert result["device"] and result["torch_version"] == torch.__version__
     assert set(result["trainer_vs_reference_by_param"]) == {"sp", "completep"}
     details = result["probe_details"]
-    for key in ("probe_step_vs_step", "linearization_vs_step", "probe_overhead_k10", "probe_overhead_k100"):
+    for key in ("probe_step_vs_step", "linearization_vs_step", "linearization_full_batch_vs_step",
+                "probe_overhead_k10", "probe_overhead_k100", "probe_overhead_k10_windows",
+                "probe_overhead_k100_windows"):
         assert details[key]["wall"]["n"] >= 1 and _positive_finite(details[key]["cpu"]["median"])
+    # The headline overhead is composed from the probe-step ratio: one probe step's extra cost per k steps.
+    step = details["probe_step_vs_step"]["wall"]["median"]
+    for k in (10, 100):
+        share = details[f"store_append_ms_per_probe_step_k{k}"] / details["plain_step_ms"]
+        assert math.isclose(result[f"probe_overhead_k{k}"], 1 + (step - 1 + share) / k, rel_tol=1e-9)
+        assert _positive_finite(details[f"plain_step_in_probed_run_vs_step_k{k}"])
     assert details["linearization_dtype"] == "float64"  # the CPU default is kept
     assert details["linearization_peak_mib"] > 0
 
