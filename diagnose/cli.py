@@ -131,6 +131,7 @@ def execute_run(spec, probe_cfg, out: Path, resume: bool = False, quiet: bool = 
 @click.option("--alpha", type=float, default=None, help="Depth exponent α in [0.5, 1] (with --param alpha).")
 @click.option("--width", type=int, default=256, show_default=True, help="Residual width N.")
 @click.option("--depth", type=int, default=2, show_default=True, help="Number of blocks L.")
+@click.option("--head-size", type=int, default=64, show_default=True, help="Attention head size d_head.")
 @click.option("--base-width", type=int, default=256, show_default=True, help="N_base.")
 @click.option("--base-depth", type=int, default=2, show_default=True, help="L_base.")
 @click.option("--lr", type=float, default=2**-8, show_default=True, help="η_base.")
@@ -141,9 +142,12 @@ def execute_run(spec, probe_cfg, out: Path, resume: bool = False, quiet: bool = 
               help="Scale Adam ε in block params only (Table 1) or everywhere (authors' code).")
 @click.option("--mup-variant", type=click.Choice(["table", "reference-code"]), default="table", show_default=True,
               help="µP ε/WD per Table 1, or as the authors' µP-only code mode.")
+@click.option("--attn-scale", type=click.Choice(["auto", "inv-d-head", "inv-sqrt-d-head"]), default="auto",
+              show_default=True, help="Attention logit scale (auto: 1/√d_head for SP, 1/d_head otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print the audit as JSON.")
-def audit(param: str, alpha: float | None, width: int, depth: int, base_width: int, base_depth: int,
-          lr: float, wd: float, eps: float, sigma: float, eps_scope: str, mup_variant: str, as_json: bool) -> None:
+def audit(param: str, alpha: float | None, width: int, depth: int, head_size: int, base_width: int, base_depth: int,
+          lr: float, wd: float, eps: float, sigma: float, eps_scope: str, mup_variant: str, attn_scale: str,
+          as_json: bool) -> None:
     """Print Table 1 for a shape next to what the built model and optimizer have; exit 1 on a mismatch."""
     from diagnose.audit import audit as run_audit
     from diagnose.audit import format_audit
@@ -154,7 +158,7 @@ def audit(param: str, alpha: float | None, width: int, depth: int, base_width: i
         name, a = resolve_name(param, alpha)
         p = Parameterization(name=name, alpha=a, width=width, depth=depth, base_width=base_width,
                              base_depth=base_depth, lr_base=lr, wd_base=wd, eps_base=eps, sigma_base=sigma,
-                             eps_scope=eps_scope, mup_variant=mup_variant)
+                             eps_scope=eps_scope, mup_variant=mup_variant, d_head=head_size, attn_scale=attn_scale)
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
     result = run_audit(p)

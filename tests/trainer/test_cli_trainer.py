@@ -101,6 +101,16 @@ def test_audit_text_table_small_shape(tmp_path):
     assert not list(tmp_path.iterdir())  # audit writes nothing
 
 
+@pytest.mark.parametrize(("rule", "scale"), [("auto", 1 / 32), ("inv-sqrt-d-head", 1 / 32**0.5)])
+def test_audit_head_size_and_attention_scale(tmp_path, rule, scale):
+    r = diagnose(["audit", "--param", "completep", "--width", "128", "--base-width", "64", "--depth", "4",
+                  "--head-size", "32", "--attn-scale", rule, "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is True and doc["parameterization"]["d_head"] == 32
+    assert doc["attention_scale"] == pytest.approx(scale)
+
+
 @pytest.mark.slow
 def test_audit_full_size_completep(tmp_path):
     # The shape: ~800M parameters; ~1 min and ~3.5 GB on one core, hence `slow`.
