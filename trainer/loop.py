@@ -45,7 +45,11 @@ DIST_BACKENDS = ("auto", "gloo", "nccl")
 
 
 class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN/inf loss; the message names the step."""
+    """Training produced a NaN/inf loss or gradient norm at `step` (named in the message)."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"non-finite training loss or gradient norm at step {step}")
 
 
 @dataclass(frozen=True)
@@ -178,9 +182,11 @@ class Trainer:
         if self.is_main and not self.quiet:
             tqdm.write(msg)
 
-    def _write_status(self, state: str, message: str = "") -> None:
+    def _write_status(self, state: str, message: str = "", **extra: Any) -> None:
+        """status.json: state, `step` = updates completed so far, target steps, message (+ extra keys)."""
         if self.is_main:
-            status = {"state": state, "step": self.step, "steps": self.spec.train.steps, "message": message}
+            status = {"state": state, "step": self.step, "steps": self.spec.train.steps, "message": message,
+                      **extra}
             tmp = self.run_dir / f".{STATUS_NAME}.tmp"
             tmp.write_text(json.dumps(status))
             os.replace(tmp, self.run_dir / STATUS_NAME)
@@ -289,7 +295,7 @@ class Trainer:
             with open(self.run_dir / METRICS_NAME, "a") as f:
                 f.write("\n".join(lines) + "\n")
         if bad is not None:
-            raise NonFiniteLoss(f"non-finite training loss or gradient norm at step {bad}")
+            raise NonFiniteLoss(bad)
 
     def _record_validation(self, step: int) -> None:
         self.last_val_loss = self.validate()
@@ -338,7 +344,7 @@ class Trainer:
             self._record_validation(self.step)
             self.save_checkpoint()
         except NonFiniteLoss as err:
-            self._write_status("failed", str(err))
+            self._write_status("failed", str(err), bad_step=err.step)
             raise
         except BaseException as err:  # a crash or an interrupt: say so; the checkpoint allows --resume
             self._write_status("failed", f"{type(err).__name__}: {err}")

@@ -169,7 +169,7 @@ def test_non_finite_loss_stops_cleanly(tmp_path, small_text_file):
     assert all(math.isfinite(m["loss"]) for m in metrics[:-1]) and not math.isfinite(metrics[-1]["loss"])
 
     status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "failed" and f"step {bad}" in status["message"]
+    assert status["state"] == "failed" and f"step {bad}" in status["message"] and status["bad_step"] == bad
 
     # The checkpoint is the last one written before the bad step, loads safely, and is finite.
     state = load_ckpt(run)
