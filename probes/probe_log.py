@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from probes.adapters import ModelAdapter
-from probes.schema import SCHEMA_VERSION, STORE_NAME, coords_for
+from probes.schema import SCHEMA_VERSION, STORE_NAME, VARIABLES, coords_for
 from probes.session import ProbeSession
 from probes.statistics import USER_STATISTICS
 from probes.store import RecordStore
@@ -120,6 +120,10 @@ class ProbeLog:
 
     def after_update(self, step: int, optimizer: torch.optim.Optimizer | None = None,
                      **scalars: torch.Tensor | float) -> None:
+        unknown = sorted(set(scalars) - set(VARIABLES) - set(USER_STATISTICS))
+        if unknown:  # fail now, not at the next append
+            raise KeyError(f"probe scalars {unknown} are not declared in probes.schema; known scalars include "
+                           "train_loss, val_loss")
         values = self.session.after_update(step)
         if optimizer is not None:
             if self.groups is None:

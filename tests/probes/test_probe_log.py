@@ -70,3 +70,11 @@ def test_an_existing_store_is_refused_unless_appending(tmp_path):
     with pytest.raises(FileExistsError, match="already holds probe records"):
         ProbeLog(GPTAdapter(model), batch, tmp_path)
     ProbeLog(GPTAdapter(model), batch, tmp_path, append=True)
+
+
+def test_an_undeclared_scalar_fails_at_once(tmp_path):
+    model = GPT(Parameterization(name="sp", width=64, depth=2, base_width=64), ModelConfig(seq_len=32))
+    log = ProbeLog(GPTAdapter(model), TokenData(DataConfig(), seq_len=32).probe_batch(2), tmp_path)
+    with pytest.raises(KeyError, match="train_los"):
+        log.after_update(0, train_los=1.0)
+    assert not (tmp_path / "probes.zarr").exists()
