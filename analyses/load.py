@@ -168,15 +168,16 @@ def _identity(path: Path, attrs: dict) -> dict:
         label = param_label(str(attrs["param"]), alpha)
     except NotARunError as err:
         raise NotARunError(f"{path}: {err}") from None
-    return {
-        "param": label,
-        "alpha": alpha,
-        "depth": int(attrs["depth"]),
-        "width": int(attrs["width"]),
-        "seed": int(attrs["seed"]),
-        "lr": float(attrs["lr"]),
-        "schema_version": version,
-    }
+    try:
+        ident = {"depth": int(attrs["depth"]), "width": int(attrs["width"]), "seed": int(attrs["seed"]),
+                 "lr": float(attrs["lr"])}
+    except (TypeError, ValueError) as err:
+        raise NotARunError(f"{path}: a run attribute is not a number ({err})") from None
+    # They index the sweep: a NaN or zero would make an empty coordinate, not a run.
+    for key in ("depth", "width", "lr"):
+        if not (math.isfinite(ident[key]) and ident[key] > 0):
+            raise NotARunError(f"{path}: run attribute {key}={attrs[key]!r} must be a positive number")
+    return {"param": label, "alpha": alpha, **ident, "schema_version": version}
 
 
 def run_identity(path: str | os.PathLike) -> dict:

@@ -34,9 +34,19 @@ from probes.session import ProbeSession
 from probes.statistics import USER_STATISTICS
 from probes.store import RecordStore
 
-# Identity attributes that `analyses` reads to place a run in a sweep (NaN/"" when not given).
-IDENTITY_DEFAULTS: dict[str, Any] = {"param": "custom", "alpha": math.nan, "width": 0, "depth": 0, "seed": 0,
+# Identity attributes that `analyses` reads to place a run in a sweep. A model built without µP or
+# depth scaling (a stock Hugging Face model, say) is standard-parameterized: "sp" is the default.
+IDENTITY_DEFAULTS: dict[str, Any] = {"param": "sp", "alpha": math.nan, "width": 0, "depth": 0, "seed": 0,
                                      "lr": math.nan, "label": ""}
+
+
+def check_identity(attrs: dict[str, Any]) -> None:
+    """The parameterization attributes must be ones the analyses know (they carry its theory)."""
+    param, alpha = attrs["param"], attrs["alpha"]
+    if param not in ("sp", "mup", "alpha"):
+        raise ValueError(f"attrs param={param!r} must be 'sp', 'mup' or 'alpha' (with alpha in [0.5, 1])")
+    if param == "alpha" and not (isinstance(alpha, (int, float)) and 0.5 <= alpha <= 1):
+        raise ValueError(f"attrs alpha={alpha!r} must be a number in [0.5, 1] for param 'alpha'")
 
 
 def versions() -> dict[str, str]:
@@ -71,8 +81,10 @@ class ProbeLog:
         append: bool = False,
     ):
         """`steps`: the probe steps (None: every step `update` is called with); `attrs`: stored on the
-        records (`param`, `width`, `depth`, `lr`, ... as `analyses` reads them; depth defaults to the
-        adapter's); `groups`: optimizer group names for `effective_lr` (default: from the first
+        records (`param`, `alpha`, `width`, `depth`, `lr`, `seed`, `label`, as `analyses` reads them;
+        by default param "sp", depth the adapter's, width the residual stream's, lr the first optimizer
+        group's `initial_lr` or `lr` at the first probe step: pass the base LR for a multi-group
+        optimizer); `groups`: optimizer group names for `effective_lr` (default: from the first
         optimizer passed to `update`, else "all"); `dtype`: linearization precision (None: float64
         on a CPU, float32 on CUDA); `lin_batch_size`: probe sequences for the linearization error
         (None: all); `append`: continue an existing store (a resumed run) instead of refusing it."""
@@ -87,6 +99,7 @@ class ProbeLog:
         self.attrs = {**IDENTITY_DEFAULTS, "depth": adapter.depth, **(attrs or {}),
                       "schema_version": SCHEMA_VERSION, "versions": json.dumps(versions()),
                       "probe_dtype": str(dtype).removeprefix("torch.")}
+        check_identity(self.attrs)
         self.groups = groups
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
         self._buffer: list[tuple[int, dict[str, np.ndarray]]] = []
@@ -128,6 +141,9 @@ class ProbeLog:
         if optimizer is not None:
             if self.groups is None:
                 self.groups = group_names(optimizer)
+            if not math.isfinite(self.attrs["lr"]):
+                first = optimizer.param_groups[0]
+                self.attrs["lr"] = float(first.get("initial_lr", first["lr"]))
             values["effective_lr"] = torch.tensor([float(g["lr"]) for g in optimizer.param_groups])
         host = {}
         for name, value in scalars.items():
@@ -151,6 +167,8 @@ class ProbeLog:
 
     def _open_store(self) -> RecordStore:
         if self._store is None:
+            if not self.attrs["width"] and self.session.ref0:  # the residual stream's width
+                self.attrs["width"] = int(next(iter(self.session.ref0.values())).shape[-1])
             extra = {name: stat.dims for name, stat in USER_STATISTICS.items()}
             coords = coords_for(self.session.adapter.depth, self.groups or ["all"])
             self._store = RecordStore(self.path, coords, self.attrs, extra)

@@ -1,6 +1,7 @@
 """ProbeLog in a plain PyTorch loop (no Trainer): neutral to training, and readable by the analyses."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from trainer.parameterization import Parameterization
 STEPS, PROBED = 6, [0, 2, 5]
 
 
-def train(run_dir=None):
+def train(run_dir=None, attrs=None, pass_optimizer=True):
     """Six AdamW steps of a tiny GPT; with a ProbeLog around each update when run_dir is given."""
     torch.manual_seed(0)
     param = Parameterization(name="sp", width=64, depth=2, base_width=64)
@@ -27,15 +28,16 @@ def train(run_dir=None):
     data = TokenData(DataConfig(), seq_len=32)
     log = None
     if run_dir is not None:
-        log = ProbeLog(GPTAdapter(model), data.probe_batch(4), run_dir, steps=PROBED,
-                       attrs={"param": "sp", "width": 64, "lr": 3e-3, "label": "plain loop"}, flush_every=2)
+        attrs = {"param": "sp", "width": 64, "lr": 3e-3, "label": "plain loop"} if attrs is None else attrs
+        log = ProbeLog(GPTAdapter(model), data.probe_batch(4), run_dir, steps=PROBED, attrs=attrs, flush_every=2)
     losses = []
     for step in range(STEPS):
         batch = data.train_batch(seed=0, step=step, batch_size=4)
         loss = model(batch[:, :-1], batch[:, 1:])
         loss.backward()
         losses.append(loss.item())
-        with log.update(step, optimizer, train_loss=loss, val_loss=float(step)) if log else torch.no_grad():
+        opt = optimizer if pass_optimizer else None
+        with log.update(step, opt, train_loss=loss, val_loss=float(step)) if log else torch.no_grad():
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if log:
@@ -78,3 +80,31 @@ def test_an_undeclared_scalar_fails_at_once(tmp_path):
     with pytest.raises(KeyError, match="train_los"):
         log.after_update(0, train_los=1.0)
     assert not (tmp_path / "probes.zarr").exists()
+
+
+@pytest.mark.parametrize(("attrs", "needle"), [({"param": "custom"}, "param='custom'"),
+                                               ({"param": "alpha"}, "alpha=nan"),
+                                               ({"param": "alpha", "alpha": 2.0}, "alpha=2.0")])
+def test_identity_the_analyses_cannot_read_is_refused(tmp_path, attrs, needle):
+    model = GPT(Parameterization(name="sp", width=64, depth=2, base_width=64), ModelConfig(seq_len=32))
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        ProbeLog(GPTAdapter(model), TokenData(DataConfig(), seq_len=32).probe_batch(2), tmp_path, attrs=attrs)
+
+
+def test_identity_defaults_come_from_the_model_and_optimizer(tmp_path):
+    from analyses.load import run_identity
+
+    train(tmp_path, attrs={})
+    ident = run_identity(tmp_path)
+    assert (ident["param"], ident["depth"], ident["width"], ident["lr"]) == ("sp", 2, 64, 3e-3)
+
+
+def test_a_store_without_a_usable_lr_is_refused_by_the_analyses_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    train(tmp_path, attrs={}, pass_optimizer=False)  # nothing says what the learning rate was
+    proc = subprocess.run([sys.executable, "-m", "diagnose", "report", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"Error: {tmp_path}: run attribute lr=nan must be a positive number"]
