@@ -20,6 +20,7 @@ import torch
 from probes.adapters import GPTAdapter
 from probes.probe_log import ProbeLog, group_names
 from probes.schema import STORE_NAME
+from probes.session import ProbeSession
 from probes.store import RecordStore
 from trainer.errors import ConfigError
 from trainer.observers import Observer
@@ -82,7 +83,7 @@ class ProbeRecorder(Observer):
         self._state: dict[str, Any] = {}
 
     @property
-    def session(self):
+    def session(self) -> ProbeSession | None:
         return None if self.log is None else self.log.session
 
     def wants(self, step: int) -> bool:
