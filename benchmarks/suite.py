@@ -108,8 +108,8 @@ class TrainerRunner:
         t = self.trainer
         for _ in range(n):
             step = t.step
-            probed = any(o.wants(step) for o in t.observers)
-            t0 = time.perf_counter()
+            if self.step_log is not None:
+                probed, t0 = any(o.wants(step) for o in t.observers), time.perf_counter()
             t.train_step(step)
             t.step = step + 1
             if t.step % t.spec.train.log_every == 0:
@@ -245,13 +245,12 @@ def probe_costs(bench: BenchConfig, run_dir: Path) -> dict[str, Any]:
 
     # One probe step against one plain step.
     k0 = min(bench.k_values)
-    times = interleaved({"plain": lambda: runner.run(1), "probe": lambda: runner.run(1)}, bench.repeats, device,
-                        setup={"plain": use([]), "probe": use([recorders[k0]], k0)})
-    out["probe_step_vs_step"] = times.ratio("probe", "plain")
-    times_step = times
-    plain_s = summarize(times.wall["plain"])["median"]
+    step_times = interleaved({"plain": lambda: runner.run(1), "probe": lambda: runner.run(1)}, bench.repeats,
+                             device, setup={"plain": use([]), "probe": use([recorders[k0]], k0)})
+    out["probe_step_vs_step"] = step_times.ratio("probe", "plain")
+    plain_s = summarize(step_times.wall["plain"])["median"]
     out["plain_step_ms"] = 1e3 * plain_s
-    out["probe_step_ms"] = 1e3 * summarize(times.wall["probe"])["median"]
+    out["probe_step_ms"] = 1e3 * summarize(step_times.wall["probe"])["median"]
 
     # Cross-check: the same run in windows of k steps, probes off or one probe step per window. The
     # k - 1 plain steps are the same in both arms and only add noise, so at k = 100 these medians are
@@ -277,15 +276,14 @@ def probe_costs(bench: BenchConfig, run_dir: Path) -> dict[str, Any]:
     appends = [t for f in flushes for t in f.seconds]
     append_s = summarize(appends)["median"] if appends else 0.0
     out["store_append_ms"] = 1e3 * append_s
-    config = ProbeConfig()
-    for k in bench.k_values:
-        rows = min(config.flush_every, max(1, math.ceil(config.flush_seconds / (k * plain_s))))
+    for k, rec in recorders.items():
+        rows = min(rec.config.flush_every, max(1, math.ceil(rec.config.flush_seconds / (k * plain_s))))
         out[f"store_append_ms_per_probe_step_k{k}"] = 1e3 * append_s / rows
         # Amortized overhead of one probe step (and its share of a store append) per k steps, per
         # interleaved repeat of the probe-step-vs-step pair: 1 + (probe step / plain step − 1 + share) / k.
         share = append_s / rows / plain_s
-        per_repeat = {clock: [1 + (p / q - 1 + share) / k for p, q in zip(getattr(times_step, clock)["probe"],
-                                                                           getattr(times_step, clock)["plain"])]
+        per_repeat = {clock: [1 + (p / q - 1 + share) / k for p, q in zip(getattr(step_times, clock)["probe"],
+                                                                           getattr(step_times, clock)["plain"])]
                       for clock in ("wall", "cpu")}
         out[f"probe_overhead_k{k}"] = {clock: summarize(v) for clock, v in per_repeat.items()}
 

@@ -34,6 +34,11 @@ from probes.session import ProbeSession
 from probes.statistics import USER_STATISTICS
 from probes.store import RecordStore
 
+# Defaults shared with `ProbeConfig` (the recorder's settings). Why these values: ProbeConfig's comments.
+LIN_BATCH_SIZE = 1  # probe sequences the linearization error is evaluated on
+FLUSH_EVERY = 32  # probe steps per store append ...
+FLUSH_SECONDS = 60.0  # ... or fewer, once this long has passed since the last append
+
 # Identity attributes that `analyses` reads to place a run in a sweep. A model built without µP or
 # depth scaling (a stock Hugging Face model, say) is standard-parameterized: "sp" is the default.
 IDENTITY_DEFAULTS: dict[str, Any] = {"param": "sp", "alpha": math.nan, "width": 0, "depth": 0, "seed": 0,
@@ -75,9 +80,9 @@ class ProbeLog:
         attrs: dict[str, Any] | None = None,
         groups: list[str] | None = None,
         dtype: torch.dtype | None = None,
-        lin_batch_size: int | None = 1,
-        flush_every: int = 32,
-        flush_seconds: float = 60.0,
+        lin_batch_size: int | None = LIN_BATCH_SIZE,
+        flush_every: int = FLUSH_EVERY,
+        flush_seconds: float = FLUSH_SECONDS,
         append: bool = False,
     ):
         """`steps`: the probe steps (None: every step `update` is called with); `attrs`: stored on the

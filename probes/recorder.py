@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from probes.adapters import GPTAdapter
-from probes.probe_log import ProbeLog, group_names
+from probes.probe_log import FLUSH_EVERY, FLUSH_SECONDS, LIN_BATCH_SIZE, ProbeLog, group_names
 from probes.schema import STORE_NAME
 from probes.session import ProbeSession
 from probes.store import RecordStore
@@ -41,9 +41,9 @@ class ProbeConfig:
     # 0 = all. Against all eight, one sequence of 64 tokens moved the layer-averaged ratios by a median
     # 1% (max 6%) on 18 depth-sweep checkpoints, where the depth effect is 4×, at a fifth of the
     # float64 cost (python -m benchmarks.lin_subset; benchmarks/RESULTS.md).
-    lin_batch_size: int = 1
-    flush_every: int = 32  # probe steps buffered before each append to the store ...
-    flush_seconds: float = 60.0  # ... or fewer, once this long has passed since the last append
+    lin_batch_size: int = LIN_BATCH_SIZE
+    flush_every: int = FLUSH_EVERY  # probe steps buffered before each append to the store ...
+    flush_seconds: float = FLUSH_SECONDS  # ... or fewer, once this long has passed since the last append
     seed: int = 0  # which held-out windows form the probe batch
 
     def __post_init__(self) -> None:
@@ -92,9 +92,6 @@ class ProbeRecorder(Observer):
     def _setup(self, trainer: Trainer) -> None:
         if self.log is not None:
             return
-        dtype = self.config.dtype
-        if dtype == "auto":
-            dtype = "float32" if trainer.device.type == "cuda" else "float64"
         batch = trainer.data.probe_batch(self.config.batch_size, self.config.seed).to(trainer.device)
         p = self.spec.param
         attrs = {
@@ -104,7 +101,8 @@ class ProbeRecorder(Observer):
         }
         self.log = ProbeLog(
             GPTAdapter(trainer.eager_model), batch, self.run_dir, steps=self.steps, attrs=attrs,
-            groups=group_names(trainer.optimizer), dtype=getattr(torch, dtype),
+            groups=group_names(trainer.optimizer),
+            dtype=None if self.config.dtype == "auto" else getattr(torch, self.config.dtype),  # None: by device
             lin_batch_size=self.config.lin_batch_size or None, flush_every=self.config.flush_every,
             flush_seconds=self.config.flush_seconds, append=True,  # a resumed run continues its store
         )
