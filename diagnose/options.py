@@ -38,8 +38,10 @@ def _run_option_list(lists: bool) -> list[Callable]:
         click.option("--wd", type=float, default=0.0, show_default=True, help="Base AdamW weight decay λ_base."),
         click.option("--eps", type=float, default=1e-12, show_default=True, help="Base Adam ε_base."),
         click.option("--sigma", type=float, default=0.02, show_default=True, help="Base init std σ_base."),
-        click.option("--eps-scope", type=click.Choice(["blocks", "all"]), default="blocks", show_default=True,
-                     help="Scale Adam ε in block params only (Table 1) or in every group (authors' code)."),
+        click.option("--eps-scope", type=click.Choice(["eq40", "blocks-only", "all"]), default="eq40",
+                     show_default=True,
+                     help="Adam ε outside the blocks: ε_base/m_N (eq40: paper Eq. 40, authors' fixed code), "
+                          "ε_base (blocks-only), or the block ε everywhere (all: authors' pre-fix code)."),
         click.option("--mup-variant", type=click.Choice(["table", "reference-code"]), default="table",
                      show_default=True, help="µP ε/WD per Table 1, or as the authors' µP-only code mode."),
         click.option("--attn-scale", type=click.Choice(["auto", "inv-d-head", "inv-sqrt-d-head"]), default="auto",
