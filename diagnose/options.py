@@ -88,8 +88,12 @@ probe_options = _stack([
     click.option("--probe-early/--no-probe-early", default=True, show_default=True,
                  help="Also probe on the log-spaced early schedule 1, 2, 4, ... below --probe-every."),
     click.option("--probe-batch", type=int, default=8, show_default=True, help="Sequences in the probe batch."),
-    click.option("--probe-dtype", type=click.Choice(["auto", "float64", "float32"]), default="auto",
-                 show_default=True, help="Linearization precision (auto: float64 on CPU, float32 on CUDA)."),
+    click.option("--probe-dtype", type=click.Choice(["auto", "float64", "float32"]), default="float64",
+                 show_default=True,
+                 help="Linearization precision, float64 on every device (auto: the same). float32: values "
+                      "under 10x their measured round-off floor are NaN, flagged in lin_below_floor (most "
+                      "steps at LR factor <= 0.01). Cost of float64: on a GPU not measured (no GPU lent); "
+                      "on a CPU 1.10x float32 (benchmarks/RESULTS.md)."),
     click.option("--probe-lin-batch", type=int, default=1, show_default=True,
                  help="Sequences of the probe batch used for the linearization error (0: all)."),
     click.option("--probe-flush", type=int, default=32, show_default=True,
