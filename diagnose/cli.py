@@ -32,7 +32,8 @@ def main() -> None:
 @probe_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run dir (default: runs/<param>_w<width>_d<depth>_s<seed>_<time>).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (from "
+              "checkpoint.prev.pt, saying so, when checkpoint.pt cannot be read).")
 @click.option("--report/--no-report", "make_report", default=True, help="Write figures and summary.md at the end.")
 @click.option("--quiet", is_flag=True, help="Print only the run dir.")
 @click.option("--dist-backend", type=click.Choice(["auto", "gloo", "nccl"]), default="auto", show_default=True,

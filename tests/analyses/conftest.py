@@ -128,6 +128,8 @@ def probe_dataset(spec: SynthRun) -> xr.Dataset:
         "probe_loss": v("probe_loss", loss_t),
         "train_loss": v("train_loss", loss_t),
         "val_loss": v("val_loss", loss_t),
+        "nonlin_floor": v("nonlin_floor", np.full((S, L, 2), np.nan)),  # float64 runs: floor not measured
+        "lin_below_floor": v("lin_below_floor", np.zeros((S, L, 2))),
     }
     assert set(data) == set(schema.VARIABLES), "builder out of date with probes.schema"
     if spec.variables is not None:
