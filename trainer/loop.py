@@ -212,16 +212,16 @@ class Trainer:
 
     def load_checkpoint(self) -> None:
         state, path, problems = ckpt.load_latest(self.run_dir, self.device, required=CHECKPOINT_KEYS)
-        if problems and self.is_main:  # said whatever --quiet asks: the run goes back to an earlier step
-            ckpt.promote_previous(self.run_dir)
-            tqdm.write(f"warning: {'; '.join(problems)}; resuming from {path} (step {int(state['step'])}); "
-                       f"the unreadable file is kept as {ckpt.DAMAGED_NAME}", file=sys.stderr)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:  # readable, but another model's checkpoint
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             raise ckpt.CheckpointError(f"cannot resume: {path} does not fit this run's model ({first})") from None
+        if problems and self.is_main:  # said whatever --quiet asks: the run goes back to an earlier step
+            ckpt.promote_previous(self.run_dir)
+            tqdm.write(f"warning: {'; '.join(problems)}; resuming from {path} (step {int(state['step'])}); "
+                       f"the unreadable file is kept as {ckpt.DAMAGED_NAME}", file=sys.stderr)
         ckpt.set_rng_state({k: v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v]
                             for k, v in state["rng"].items()})
         self.step = int(state["step"])

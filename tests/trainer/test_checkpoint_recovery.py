@@ -163,3 +163,15 @@ def test_save_keeping_previous_rotates_and_load_latest_falls_back(tmp_path):
     assert used.name == ckpt.PREVIOUS_NAME and "is missing" in problems[0]
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint at"):
         ckpt.load_latest(tmp_path / "empty")
+
+
+def test_a_readable_checkpoint_of_another_model_is_one_line(tmp_path):
+    from tests.probes.conftest import tiny_spec
+    from trainer.loop import Trainer
+
+    Trainer(tiny_spec(steps=2, depth=2), tmp_path, quiet=True).run()
+    files = {p.name: p.read_bytes() for p in tmp_path.glob("checkpoint*")}
+    with pytest.raises(ckpt.CheckpointError, match="does not fit this run's model") as err:
+        Trainer(tiny_spec(steps=2, depth=3), tmp_path, quiet=True).run(resume=True)
+    assert "\n" not in str(err.value) and ckpt.CHECKPOINT_NAME in str(err.value)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("checkpoint*")} == files  # nothing promoted or moved
