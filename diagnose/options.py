@@ -91,9 +91,9 @@ probe_options = _stack([
     click.option("--probe-dtype", type=click.Choice(["auto", "float64", "float32"]), default="float64",
                  show_default=True,
                  help="Linearization precision, float64 on every device (auto: the same). float32: values "
-                      "under 10x their measured round-off floor are NaN, flagged in lin_below_floor (most "
-                      "steps at LR factor <= 0.01). Cost of float64: on a GPU not measured (no GPU lent); "
-                      "on a CPU 1.10x float32 (benchmarks/RESULTS.md)."),
+                      "under 10x their measured round-off floor are NaN, flagged in lin_below_floor (in the "
+                      "measured runs: every value at LR factors <= 0.01). Cost of float64: on a GPU not "
+                      "measured (no GPU lent); on a CPU 1.10x float32 (benchmarks/RESULTS.md)."),
     click.option("--probe-lin-batch", type=int, default=1, show_default=True,
                  help="Sequences of the probe batch used for the linearization error (0: all)."),
     click.option("--probe-flush", type=int, default=32, show_default=True,
