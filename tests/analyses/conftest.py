@@ -192,7 +192,10 @@ def write_run(path: str | Path, spec: SynthRun) -> Path:
             f.write(json.dumps({"step": spec.train_steps, "val_loss": float(loss[-1])}) + "\n")
     (path / schema.CONFIG_NAME).write_text(ds.attrs["config"])
     state = "failed" if diverged else "finished"
-    (path / schema.STATUS_NAME).write_text(json.dumps({"state": state, "step": len(loss)}))
+    status = {"state": state, "step": len(loss)}
+    if diverged:  # as the trainer's NaN stop writes it: the step whose loss was non-finite
+        status["bad_step"] = int(np.flatnonzero(~np.isfinite(loss))[0])
+    (path / schema.STATUS_NAME).write_text(json.dumps(status))
     return path
 
 

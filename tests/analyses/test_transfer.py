@@ -36,13 +36,91 @@ def test_final_loss_sources(tmp_path):
     assert bad["diverged"] and bad["loss"] == math.inf and bad["state"] == "failed"
 
 
-def test_failed_status_counts_as_diverged_and_running_is_not_usable(tmp_path):
+def test_nan_stop_is_divergence_a_crash_is_missing_and_running_is_not_usable(tmp_path):
     run = write_run(tmp_path / "f", SynthRun(blocks=1, variables=FEW))
-    (run / schema.STATUS_NAME).write_text(json.dumps({"state": "failed", "step": 3}))
-    assert transfer.final_loss(run)["loss"] == math.inf
+    # The trainer's NaN stop: status failed with the bad step (metrics here stay finite).
+    (run / schema.STATUS_NAME).write_text(json.dumps({"state": "failed", "step": 3, "bad_step": 3}))
+    res = transfer.final_loss(run)
+    assert res["loss"] == math.inf and res["diverged"] and not res["missing"]
+    # Killed / out of memory: failed without a bad step says nothing about the LR's stability.
+    (run / schema.STATUS_NAME).write_text(json.dumps({"state": "failed", "step": 3, "message": "KeyboardInterrupt"}))
+    res = transfer.final_loss(run)
+    assert math.isnan(res["loss"]) and res["missing"] and not res["diverged"]
+    losses = transfer.final_losses(run)
+    assert losses["missing"].item() and not losses["usable"].item()
     (run / schema.STATUS_NAME).write_text(json.dumps({"state": "running", "step": 3}))
     losses = transfer.final_losses(run)
-    assert losses["state"].item() == "running" and not losses["usable"].item()
+    assert losses["state"].item() == "running" and not losses["usable"].item() and not losses["missing"].item()
+
+
+def _grid(depth=2, seeds=(0, 1, 2), xs=(-11.0, -10.0, -9.0, -8.0, -7.0, -6.0), opt=-8.3, curvature=0.05,
+          seed_offset=None, noise=0.0, rng_seed=0) -> pd.DataFrame:
+    """A final_losses-like frame: loss = 2 + curvature·(x − opt)² + seed_offset[seed] + noise."""
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for s in seeds:
+        offset = 0.0 if seed_offset is None else seed_offset[s]
+        for x in xs:
+            loss = 2 + curvature * (x - opt) ** 2 + offset + noise * rng.standard_normal()
+            rows.append({"param": "alpha=1", "alpha": 1.0, "depth": depth, "width": 64, "seed": s, "lr": 2.0**x,
+                         "log2_lr": x, "loss": loss, "diverged": False, "missing": False, "usable": True})
+    return pd.DataFrame(rows)
+
+
+def test_bootstrap_resamples_seeds_jointly_across_lrs():
+    # Each seed adds the same offset at every LR (shared init and data order): the offset cannot move
+    # the optimum, so the joint bootstrap's interval has zero width. Resampling each LR's seeds on its
+    # own (the old behaviour) mixes offsets across LRs and spreads the optimum over the whole grid.
+    offsets = {0: -0.4, 1: 0.0, 2: 0.5}
+    res = transfer.lr_transfer(_grid(seed_offset=offsets), n_boot=300)
+    r = res.optima.iloc[0]
+    assert r["log2_lr_opt"] == pytest.approx(-8.3, abs=1e-9)
+    assert r["ci_high"] - r["ci_low"] < 1e-9
+    # With small independent noise on top, the interval still covers the truth and stays narrow.
+    res = transfer.lr_transfer(_grid(seed_offset=offsets, noise=0.002, rng_seed=1), n_boot=300)
+    r = res.optima.iloc[0]
+    assert r["ci_low"] <= -8.3 <= r["ci_high"] and r["ci_high"] - r["ci_low"] < 0.3
+
+
+def test_joint_seed_bootstrap_matches_resampling_rows_by_hand():
+    table = np.array([[1.0, 2.0, 3.0], [4.0, np.nan, 6.0], [7.0, 8.0, 9.0]])
+    got = transfer.joint_seed_bootstrap(table, 50, np.random.default_rng(5))
+    idx = np.random.default_rng(5).integers(0, 3, size=(50, 3))  # the same draws
+    for b in range(50):
+        rows = table[idx[b]]
+        for j in range(3):
+            present = rows[np.isfinite(rows[:, j]), j]
+            want = present.mean() if present.size else np.nanmean(table[:, j])
+            assert got[b, j] == pytest.approx(want, rel=1e-12)
+
+
+def test_crashed_runs_do_not_push_the_optimum_down():
+    # Seed 1 crashed (killed) at the two largest LRs: missing, not diverged. Counted as divergence they
+    # would make those LRs unusable and pull the optimum to the left; left out, it stays at −8.3.
+    grid = _grid(opt=-7.6)
+    crash = (grid["seed"] == 1) & (grid["log2_lr"] >= -7)
+    grid.loc[crash, ["loss", "missing", "usable"]] = [math.nan, True, False]
+    r = transfer.lr_transfer(grid, n_boot=100).optima.iloc[0]
+    assert r["n_missing"] == 2 and r["n_diverged"] == 0 and r["n_lrs"] == 6
+    assert r["log2_lr_opt"] == pytest.approx(-7.6, abs=1e-9) and r["min_seeds"] == 2 and r["n_seeds"] == 3
+    as_diverged = _grid(opt=-7.6)
+    as_diverged.loc[crash, ["loss", "diverged"]] = [math.inf, True]
+    r_old = transfer.lr_transfer(as_diverged, n_boot=100).optima.iloc[0]
+    assert r_old["n_lrs"] == 4 and r_old["log2_lr_opt"] < -7.6 - 0.3
+
+
+def test_edge_optima_are_flagged_and_left_out_of_the_drift_fit():
+    # Depths 2, 4, 8 have interior optima on a slope of −1; at depth 32 the optimum (−12.3) lies below
+    # the grid, so its fit is clipped to −11 and would flatten the drift if it entered the fit.
+    frames = [_grid(depth=d, opt=-8.3 - math.log2(d / 2), noise=0.001, rng_seed=d) for d in (2, 4, 8, 32)]
+    res = transfer.lr_transfer(pd.concat(frames, ignore_index=True), n_boot=200)
+    optima = res.optima.set_index("depth")
+    assert optima["at_edge"].tolist() == [False, False, False, True]
+    drift = res.drift.iloc[0]
+    assert drift["depths"] == [2, 4, 8] and drift["edge_depths"] == [32] and drift["n_depths"] == 3
+    assert drift["slope"] == pytest.approx(-1.0, abs=0.03)
+    with_edge = np.polyfit(np.log2([2, 4, 8, 32]), optima["log2_lr_opt"], 1)[0]
+    assert with_edge > -0.8  # what the fit would have said with the clipped optimum in it
 
 
 @pytest.fixture(scope="module")
