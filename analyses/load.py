@@ -361,6 +361,26 @@ def list_runs(ds: xr.Dataset) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def nan_stop_steps(ds: xr.Dataset) -> xr.DataArray:
+    """Per run of a sweep Dataset, the step at which training stopped on a non-finite loss.
+
+    Read from each run's status.json (`bad_step`, written by the trainer's NaN stop). Returns a
+    float DataArray over the sweep dims: the bad step, NaN for runs that did not diverge (finished,
+    running, crashed for another reason) and for cells without a run or without a `run_dir`.
+    """
+    ds = as_sweep(ds)
+    out = xr.DataArray(np.full([ds.sizes[d] for d in SWEEP_DIMS], np.nan), dims=SWEEP_DIMS,
+                       coords={d: ds[d].values for d in SWEEP_DIMS})
+    if "run_dir" not in ds:
+        return out
+    for _, row in list_runs(ds).iterrows():
+        status = load_status(row["run_dir"])
+        bad = status.get("bad_step")
+        if status.get("state") == "failed" and isinstance(bad, (int, float)) and not isinstance(bad, bool):
+            out.loc[{d: row[d] for d in SWEEP_DIMS}] = float(bad)
+    return out
+
+
 def sort_by_param(df: pd.DataFrame, *others: str) -> pd.DataFrame:
     """`df` sorted by its `param` column in label order (sp, mup, α ascending), then by `others`."""
     order = {label: i for i, label in enumerate(sorted(df["param"].unique(), key=label_sort_key))}
