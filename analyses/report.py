@@ -262,7 +262,9 @@ def _markdown(ds: xr.Dataset, res: dict, figures: list[Path]) -> str:
             summ = coordcheck.slope_summary(res[key][1])
             lines += [f"## {title}: {key.split(':', 1)[1]}", "",
                       f"Log-log slope vs {kind} at initialization (step 0) and median over steps ≥ 1; "
-                      f"flat means |slope| ≤ {coordcheck.FLAT_TOLERANCE}.", "", markdown_table(summ), ""]
+                      f"flat means |slope| ≤ {coordcheck.FLAT_TOLERANCE}; 'diverged' means seeds stopped on a "
+                      "non-finite loss or recorded ±inf (n_diverged): the slope is then over the survivors only.",
+                      "", markdown_table(summ), ""]
     if "concentration" in res:
         conc = res["concentration"].groupby(["param", "depth", "width", "lr"], sort=False)[
             ["entropy_norm", "frac_layers_50", "embed_share"]].mean().reset_index()
@@ -274,7 +276,9 @@ def _markdown(ds: xr.Dataset, res: dict, figures: list[Path]) -> str:
         tr = res["transfer"]
         lines += ["## Learning-rate transfer", "", "Optimal η_base per depth (quadratic fit in log2 lr; interval "
                   "over seeds, log2 units):", "", markdown_table(tr.optima), "",
-                  "Drift: slope of log2(lr*) vs log2(depth) (0 = transfers):", "", markdown_table(tr.drift), ""]
+                  "Drift: slope of log2(lr*) vs log2(depth) (0 = transfers); depths whose optimum sits at the "
+                  "grid's edge are left out of it (edge_depths). Runs that crashed without a non-finite loss "
+                  "(no bad_step) are missing (n_missing), not diverged:", "", markdown_table(tr.drift), ""]
     if res["skipped"]:
         lines += ["## Not analysed", ""] + [f"- {k}: {v}" for k, v in res["skipped"].items()] + [""]
     if figures:

@@ -73,8 +73,8 @@ def final_loss(run: str | os.PathLike) -> dict:
     last_step}.
 
     `diverged`: stopped on a non-finite loss (status `bad_step`, or a non-finite loss in the metrics);
-    `loss` is then +inf. `missing`: failed without diverging (killed, out of memory, a crash), or
-    no metrics at all; `loss` is then NaN and the run is left out of the fits.
+    `loss` is then +inf. `missing`: not running, and failed without diverging (killed, out of memory,
+    a crash) or without a loss; `loss` is then NaN and the run is left out of the fits.
     """
     metrics = load_metrics(run)
     status = load_status(run)
@@ -82,7 +82,7 @@ def final_loss(run: str | os.PathLike) -> dict:
     nan_stop = state == "failed" and status.get("bad_step") is not None
     if metrics.empty:
         return {"loss": math.inf if nan_stop else math.nan, "source": "none", "state": state,
-                "diverged": nan_stop, "missing": not nan_stop, "last_step": -1}
+                "diverged": nan_stop, "missing": not nan_stop and state != "running", "last_step": -1}
     diverged = nan_stop or bool(metrics.attrs.get("nonfinite_loss"))
     val = metrics["val_loss"].dropna()
     if len(val):
@@ -90,7 +90,7 @@ def final_loss(run: str | os.PathLike) -> dict:
     else:
         loss, source = last_train_loss(metrics), "train"
     # A crash stops a run early at a finite loss that belongs to no LR comparison.
-    missing = not diverged and (state == "failed" or not math.isfinite(loss))
+    missing = not diverged and state != "running" and (state == "failed" or not math.isfinite(loss))
     loss = math.inf if diverged else (math.nan if missing else loss)
     return {"loss": loss, "source": source, "state": state, "diverged": diverged, "missing": missing,
             "last_step": int(metrics["step"].iloc[-1])}
