@@ -20,7 +20,8 @@ written (zarr 3's default `write_empty_chunks=False`), so an absent chunk is rep
 all-NaN chunk cannot be legitimate: a chunk holding the run's first probe step alone (where
 `delta_prev_rms` and the update shares are NaN by definition) or only steps at or after the
 trainer's NaN stop (`bad_step`) is taken as written-empty. A store whose attrs carry
-`write_empty_chunks=True` (every chunk written) gets no such allowance.
+`write_empty_chunks=True` (every chunk written) gets no such allowance. While a run is still
+running, its last chunk along `step` is not checked (an append resizes the array before it writes).
 """
 
 from __future__ import annotations
@@ -220,6 +221,7 @@ def missing_data(path: str | os.PathLike) -> list[dict]:
     status = load_status(path)
     bad = status.get("bad_step") if status.get("state") == "failed" else None
     bad = float(bad) if isinstance(bad, (int, float)) and not isinstance(bad, bool) else math.inf
+    running = status.get("state") == "running"  # its last chunk row may be mid-append right now
     out = []
     # The step coordinate first: an absent chunk of it reads as zeros (its fill value).
     step_values = np.asarray(step_arr[:], dtype=np.int64)
@@ -238,6 +240,8 @@ def missing_data(path: str | os.PathLike) -> list[dict]:
                 continue
             lo = coords[0] * file_chunks[0]
             idx = np.arange(lo, min(lo + file_chunks[0], arr.shape[0]))
+            if running and coords[0] == n_along[0] - 1:
+                continue  # an append resizes the array before it writes the chunks
             if not all_empty_written:
                 if name == "step":
                     # Steps are distinct and increasing, so only a first chunk of one step (step 0,
