@@ -16,7 +16,8 @@ Diverged seeds: a run that stopped on a non-finite loss (status `bad_step`) has 
 from that step on, and a record of ±inf is a divergence too. Averaging only the surviving seeds
 would make an unstable parameterization look tamer (its largest activations are the ones that blew
 up), so every table carries `n_diverged` (seeds of the cell diverged at or before the step) and a
-curve with diverged seeds gets the trend "diverged", never "flat".
+curve with diverged seeds gets the trend "diverged" (never "flat"; "grows" stays "grows", which
+already marks it unstable).
 """
 
 from __future__ import annotations
@@ -113,18 +114,17 @@ def width_coord_check(ds: xr.Dataset, variable: str = "act_rms") -> tuple[pd.Dat
 
 
 def trend(slope: float, n_diverged: int = 0) -> str:
-    """"flat", "grows" or "shrinks" by FLAT_TOLERANCE ("n/a" for NaN); "diverged" when any seed diverged.
+    """"flat", "grows" or "shrinks" by FLAT_TOLERANCE ("n/a" for NaN); "diverged" when seeds diverged.
 
     A slope over the seeds that survived says nothing about the ones that blew up, so a curve with
-    diverged seeds is never called flat (or anything else that reads as a measured trend).
+    diverged seeds is never called flat or shrinking: it is "diverged", unless the survivors already
+    grow ("grows" is the unstable label, and survivors-only growth is a lower bound on it).
     """
-    if n_diverged > 0:
+    measured = "n/a" if not np.isfinite(slope) else (
+        "flat" if abs(slope) <= FLAT_TOLERANCE else ("grows" if slope > 0 else "shrinks"))
+    if n_diverged > 0 and measured != "grows":
         return "diverged"
-    if not np.isfinite(slope):
-        return "n/a"
-    if abs(slope) <= FLAT_TOLERANCE:
-        return "flat"
-    return "grows" if slope > 0 else "shrinks"
+    return measured
 
 
 def slope_summary(slopes: pd.DataFrame) -> pd.DataFrame:
@@ -132,7 +132,8 @@ def slope_summary(slopes: pd.DataFrame) -> pd.DataFrame:
 
     Groups by every column except step, slope, n_points and n_diverged. Returns those keys plus
     init_slope, trained_slope (median of the per-step slopes after training starts, robust to one
-    odd step), init_trend, trained_trend ("diverged" when seeds diverged at that stage) and
+    odd step), init_trend, trained_trend ("diverged" when seeds diverged at that stage, unless the
+    survivors grow) and
     n_diverged (the most diverged seeds at any step: how many runs of the group blew up).
     """
     keys = [c for c in slopes.columns if c not in ("step", "slope", "n_points", "n_diverged", "alpha")]

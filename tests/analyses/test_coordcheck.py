@@ -188,4 +188,7 @@ def test_an_infinite_record_counts_as_diverged(diverged_sweep):
 
 def test_trend_with_diverged_seeds():
     assert coordcheck.trend(0.0, n_diverged=1) == "diverged"
+    assert coordcheck.trend(-0.5, n_diverged=2) == "diverged"
+    assert coordcheck.trend(np.nan, n_diverged=1) == "diverged"
+    assert coordcheck.trend(0.8, n_diverged=1) == "grows"  # already the unstable label
     assert coordcheck.trend(0.0, n_diverged=0) == "flat"
