@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from analyses import load, transfer
 from analyses.load import InsufficientSweepError
@@ -20,6 +21,7 @@ from tests.analyses.conftest import (
     planted_log2_lr_opt,
     write_run,
 )
+from trainer.observers import Observer
 
 FEW = ("probe_loss",)
 
@@ -202,3 +204,44 @@ def test_at_edge_flag_and_one_lr_is_insufficient(tmp_path):
     assert res.optima["at_edge"].item()
     with pytest.raises(InsufficientSweepError, match="two or more learning rates"):
         transfer.lr_transfer(pd.DataFrame(rows[:2]))
+
+
+class _Sabotage(Observer):
+    """Observer for a real run: at `step`, either poison a weight with NaN (the next loss is NaN: the
+    trainer's NaN stop) or raise like a kill / out-of-memory would."""
+
+    name = "sabotage"
+
+    def __init__(self, step: int, how: str):
+        self.step, self.how = step, how
+
+    def wants(self, step):
+        return step == self.step
+
+    def before_update(self, step, trainer):
+        if self.how == "crash":
+            raise RuntimeError("CUDA out of memory (simulated by the test)")
+
+    def after_update(self, step, trainer):
+        if self.how == "nan":
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+
+
+@pytest.mark.parametrize("how", ["nan", "crash"])
+def test_real_trainer_nan_stop_is_diverged_and_a_crash_is_missing(tmp_path, how):
+    """The status.json the real trainer writes: a NaN stop carries bad_step (diverged); a crash does not
+    (missing), so it is left out of the optimum instead of marking its LR unstable."""
+    from tests.probes.conftest import tiny_spec
+    from trainer.loop import Trainer
+
+    torch.set_num_threads(1)
+    spec = tiny_spec(steps=6)
+    with pytest.raises(Exception):  # noqa: B017 - NonFiniteLoss or the simulated crash, re-raised by run()
+        Trainer(spec, tmp_path, observers=[_Sabotage(2, how)], quiet=True).run()
+    res = transfer.final_loss(tmp_path)
+    assert res["state"] == "failed"
+    if how == "nan":
+        assert res["diverged"] and not res["missing"] and res["loss"] == math.inf
+    else:
+        assert res["missing"] and not res["diverged"] and math.isnan(res["loss"])
