@@ -115,7 +115,7 @@ def compare(dir_a: Path, dir_b: Path, as_json: bool) -> None:
 
     from analyses.report import compare_runs
 
-    with _one_line_errors():
+    with _one_line_errors(), _missing_data_as_lines():
         table = compare_runs(dir_a, dir_b)
     if as_json:
         clean = table.astype(object).where(pd.notna(table), None)
