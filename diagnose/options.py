@@ -73,6 +73,9 @@ def _run_option_list(lists: bool) -> list[Callable]:
         click.option("--token-dtype", type=click.Choice(["", "uint16", "uint32"]), default="",
                      help="Token file dtype."),
         click.option("--vocab-size", type=int, default=256, show_default=True, help="Vocabulary (256 for bytes)."),
+        click.option("--ablate", default="", show_default=False,
+                     help="DEBUG: break Table 1 on purpose (comma-separated: no-depth-lr, no-branch-multiplier, "
+                          "global-eps, sp-init), to see `diagnose conform` catch it."),
     ]
 
 
@@ -116,7 +119,7 @@ def build_spec(opts: dict[str, Any]):
         name=name, alpha=alpha, width=opts["width"], depth=opts["depth"], base_width=opts["base_width"],
         base_depth=opts["base_depth"], sigma_base=opts["sigma"], lr_base=opts["lr"], wd_base=opts["wd"],
         eps_base=opts["eps"], d_head=opts["head_size"], eps_scope=opts["eps_scope"],
-        mup_variant=opts["mup_variant"], attn_scale=opts["attn_scale"],
+        mup_variant=opts["mup_variant"], attn_scale=opts["attn_scale"], ablate=opts.get("ablate", ""),
     )
     model = ModelConfig(seq_len=opts["seq_len"], vocab_size=opts["vocab_size"], tie_embeddings=opts["tie_embeddings"])
     data = DataConfig(source=opts["data"], token_dtype=opts["token_dtype"], vocab_size=opts["vocab_size"])
