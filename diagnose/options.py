@@ -97,6 +97,9 @@ probe_options = _stack([
                  help="Probe steps buffered before each append to the store."),
     click.option("--probe-flush-seconds", type=float, default=60.0, show_default=True,
                  help="Append sooner once this many seconds have passed since the last append."),
+    click.option("--probe-linearized", type=click.IntRange(min=0), default=4, show_default=True,
+                 help="Log-spaced steps (ending at the last) at which the block-linearized model's loss is "
+                      "measured (0: off)."),
 ])
 
 
@@ -136,7 +139,8 @@ def build_spec(opts: dict[str, Any]):
     if opts["probes"]:
         probes = ProbeConfig(every=opts["probe_every"], early=opts["probe_early"], batch_size=opts["probe_batch"],
                              dtype=opts["probe_dtype"], lin_batch_size=opts["probe_lin_batch"],
-                             flush_every=opts["probe_flush"], flush_seconds=opts["probe_flush_seconds"])
+                             flush_every=opts["probe_flush"], flush_seconds=opts["probe_flush_seconds"],
+                             linearized=opts.get("probe_linearized", 4))
     return RunSpec(param=param, model=model, data=data, train=train), probes
 
 

@@ -15,6 +15,12 @@ the share of the loss improvement that the lazy surrogate retains (1: every bloc
 through its linearization; theory in analyses/theory.py: 1 − share ∝ L^(α−1)). Per block, only that
 block's branches are linearized (all others real), and the loss is recorded.
 
+Because embeddings and readout keep θ_t in the surrogate, `linearized_share` also credits what they
+learned (on a byte-level corpus, much of the early loss drop is bigram statistics that need no block
+at all). `linearized_blocks_share` takes the blocks' own contribution as reference instead:
+(loss_frozen − loss_linearized) / (loss_frozen − loss_model), where "frozen" keeps every branch at
+θ_0 (F(h; θ_0) on its actual input) and the rest at θ_t.
+
 Evaluated in float64 on the CPU, on a copy of the model (the training model is never touched).
 Works through any adapter whose `sites()` give each branch's raw output (`attn_out`, `mlp_out`) and
 input, and whose constructor takes the model (`type(adapter)(model)`): forward hooks replace each
@@ -53,11 +59,12 @@ DEFAULT_BATCH_SIZE = 4
 
 
 def lin_steps(total_steps: int, count: int = 4) -> list[int]:
-    """Default cadence: `count` log-spaced steps in [1, total_steps) plus the last step's θ (= total_steps)."""
-    if total_steps <= 1:
-        return [total_steps]
-    logs = np.geomspace(1, max(total_steps - 1, 1), num=count)
-    return sorted({int(round(s)) for s in logs} | {total_steps})
+    """Default cadence: up to `count` log-spaced steps in [1, last], last = total_steps − 1 (the θ that
+    the last probe step sees). Empty for count 0."""
+    last = total_steps - 1
+    if count <= 0 or last < 1:
+        return []
+    return sorted({int(round(s)) for s in np.geomspace(1, last, num=count)})
 
 
 class BlockLinearizedModel:
@@ -94,8 +101,15 @@ class BlockLinearizedModel:
         out, tangent = jvp(lambda p: functional_call(module, p, (h,)), (p0,), (dp,))
         return out + tangent
 
-    def loss(self, batch: torch.Tensor, linearize: Iterable[int] = (), final_stream: bool = False):
-        """Held-out loss (float64) with the branches of the blocks in `linearize` replaced by F^lin.
+    def frozen_branch(self, key: tuple[int, str], h: torch.Tensor) -> torch.Tensor:
+        """F(h; θ_0): the branch as it was at initialization."""
+        module, _, local = self.branches[key]
+        return functional_call(module, {k: self.theta0[g] for k, g in local.items()}, (h,))
+
+    def loss(self, batch: torch.Tensor, linearize: Iterable[int] = (), final_stream: bool = False,
+             frozen: bool = False):
+        """Held-out loss (float64) with the branches of the blocks in `linearize` replaced by F^lin
+        (with `frozen`: by F(h; θ_0), the zeroth order: those blocks never learned).
 
         With `final_stream`, returns (loss, the final stream) instead (for tests).
         """
@@ -111,7 +125,7 @@ class BlockLinearizedModel:
                     spec = sites[(layer, f"{name}_out")]
                     if spec.where != "output":
                         raise ValueError(f"site ({layer}, {name}_out) must be a module output to be replaced")
-                    handles.append(spec.module.register_forward_hook(self._replacer((layer, name))))
+                    handles.append(spec.module.register_forward_hook(self._replacer((layer, name), frozen)))
             with torch.no_grad(), self.adapter.linearizable(), capture(watch) as seen:
                 self._inputs = seen  # the stream each branch receives in this (surrogate) forward
                 loss = self.adapter.loss(batch.to("cpu")).double()
@@ -121,14 +135,15 @@ class BlockLinearizedModel:
             self._inputs = {}
         return (loss, seen[(-1, "final_stream")]) if final_stream else loss
 
-    def _replacer(self, key: tuple[int, str]):
-        """A forward hook that returns F^lin(h) for the branch `key` in place of its output."""
+    def _replacer(self, key: tuple[int, str], frozen: bool = False):
+        """A forward hook that returns F^lin(h) (or F(h; θ_0)) for the branch `key` in place of its output."""
         def hook(module, args, output):
             if self._busy:  # the branch's own call inside the hook (adapters whose site is the branch)
                 return None
             self._busy = True
             try:
-                new = self.linear_branch(key, self._inputs[(key[0], self.branches[key][1])])
+                h = self._inputs[(key[0], self.branches[key][1])]
+                new = self.frozen_branch(key, h) if frozen else self.linear_branch(key, h)
             finally:
                 self._busy = False
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
@@ -139,11 +154,14 @@ class BlockLinearizedModel:
         model_loss = float(self.loss(batch))
         lin_loss = float(self.loss(batch, range(self.depth)))
         block = np.array([float(self.loss(batch, [layer])) for layer in range(self.depth)])
-        gain = loss_init - model_loss
+        frozen_loss = float(self.loss(batch, range(self.depth), frozen=True))
+        gain, block_gain = loss_init - model_loss, frozen_loss - model_loss
         share = (loss_init - lin_loss) / gain if gain != 0 else math.nan
+        blocks_share = (frozen_loss - lin_loss) / block_gain if block_gain != 0 else math.nan
         return {"linearized_loss": np.float64(lin_loss), "linearized_model_loss": np.float64(model_loss),
                 "linearized_init_loss": np.float64(loss_init), "linearized_share": np.float64(share),
-                "linearized_block_loss": block}
+                "linearized_block_loss": block, "linearized_frozen_loss": np.float64(frozen_loss),
+                "linearized_blocks_share": np.float64(blocks_share)}
 
 
 def model_loss(model: nn.Module, adapter_type: type, batch: torch.Tensor) -> float:
@@ -160,47 +178,44 @@ def write_records(run_dir: Path, depth: int, steps: list[int], rows: list[dict[s
     RecordStore(Path(run_dir) / LINEARIZED_STORE_NAME, coords, attrs).append(steps, rows)
 
 
+def initial_model(spec) -> nn.Module:
+    """The run's model at θ_0, rebuilt from its seed exactly as `Trainer` builds it (on the CPU; the
+    global RNG state is left as it was, so training is unaffected)."""
+    from trainer.model import GPT
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.train.seed)
+        return GPT(spec.param, spec.model)
+
+
 class LinearizedModelRecorder(Observer):
-    """Measures the block-linearized model inside `Trainer.run` at its own steps (θ before the update)."""
+    """Measures the block-linearized model inside `Trainer.run` at its own steps (θ before the update).
+
+    θ_0 is rebuilt from the run's seed (`initial_model`), so nothing extra goes into checkpoints and a
+    resumed run measures the same surrogate.
+    """
 
     name = "linearized"
 
     def __init__(self, run_dir: Path, steps: Iterable[int], batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0):
         self.run_dir, self.steps = Path(run_dir), set(steps)
         self.batch_size, self.seed = batch_size, seed
-        self.theta0: dict[str, torch.Tensor] | None = None  # the whole model at init, CPU float64
-        self.init_loss: float | None = None
+        self._init: tuple[dict[str, torch.Tensor], float] | None = None  # (θ_0, loss at θ_0)
 
     def wants(self, step: int) -> bool:
-        return step == 0 or step in self.steps
-
-    def _batch(self, trainer: Trainer) -> torch.Tensor:
-        return trainer.data.probe_batch(self.batch_size, self.seed + 1)  # held out, not the probe batch
+        return step in self.steps
 
     def before_update(self, step: int, trainer: Trainer) -> None:
         if not trainer.is_main:
             return
-        self._measure(step, trainer)
-
-    def _measure(self, step: int, trainer: Trainer) -> None:
-        model = trainer.eager_model
-        if self.theta0 is None:
-            self.theta0 = {n: p.detach().to("cpu", torch.float64).clone() for n, p in model.named_parameters()}
-            self.init_loss = model_loss(model, GPTAdapter, self._batch(trainer))
-        if step not in self.steps:
-            return
-        surrogate = BlockLinearizedModel(GPTAdapter(model), self.theta0)
-        row = surrogate.measure(self._batch(trainer), self.init_loss)
+        batch = trainer.data.probe_batch(self.batch_size, self.seed + 1)  # held out, not the probe batch
+        if self._init is None:
+            init = initial_model(trainer.spec)
+            self._init = ({n: p.detach() for n, p in init.named_parameters()}, model_loss(init, GPTAdapter, batch))
+        theta0, init_loss = self._init
+        surrogate = BlockLinearizedModel(GPTAdapter(trainer.eager_model), theta0)
+        row = surrogate.measure(batch, init_loss)
         write_records(self.run_dir, surrogate.depth, [step], [row], {"batch_size": self.batch_size})
-
-    def close(self) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"theta0": self.theta0, "init_loss": self.init_loss}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.theta0, self.init_loss = state.get("theta0"), state.get("init_loss")
 
     def resume(self, step: int) -> None:
         RecordStore(self.run_dir / LINEARIZED_STORE_NAME, {}, {}).truncate(step)
@@ -219,8 +234,7 @@ def linearize_checkpoint(run_dir: str | Path, batch_size: int = DEFAULT_BATCH_SI
 
     run_dir = Path(run_dir)
     spec = RunSpec.from_dict(json.loads((run_dir / CONFIG_NAME).read_text()))
-    torch.manual_seed(spec.train.seed)  # as Trainer does: the same θ_0
-    init = GPT(spec.param, spec.model)
+    init = initial_model(spec)
     state = ckpt.load(run_dir / ckpt.CHECKPOINT_NAME, map_location="cpu")
     model = GPT(spec.param, spec.model)
     model.load_state_dict(state["model"])

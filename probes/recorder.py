@@ -45,6 +45,9 @@ class ProbeConfig:
     flush_every: int = FLUSH_EVERY  # probe steps buffered before each append to the store ...
     flush_seconds: float = FLUSH_SECONDS  # ... or fewer, once this long has passed since the last append
     seed: int = 0  # which held-out windows form the probe batch
+    # Steps (log-spaced, ending at the last) at which the block-linearized model is evaluated
+    # (probes.linearized_model; float64 on a CPU, its own store); 0 = off.
+    linearized: int = 4
 
     def __post_init__(self) -> None:
         for name in ("every", "batch_size", "flush_every"):

@@ -118,11 +118,18 @@ VARIABLES: dict[str, Variable] = {
     "linearized_block_loss": Variable(
         ("layer",), "nats/token", "held-out loss with only this block's branches linearized (all others real)"
     ),
+    "linearized_frozen_loss": Variable(
+        (), "nats/token", "held-out loss with every branch kept at θ_0 (F(h; θ_0)), the rest at θ_t"
+    ),
+    "linearized_blocks_share": Variable(
+        (), "1", "(frozen loss - linearized loss) / (frozen loss - model loss): the blocks' learning kept"
+    ),
 }
 # The block-linearized model's records live beside the probe store, on their own steps.
 LINEARIZED_STORE_NAME = "linearized.zarr"
 LINEARIZED_VARIABLES: tuple[str, ...] = ("linearized_loss", "linearized_model_loss", "linearized_init_loss",
-                                         "linearized_share", "linearized_block_loss")
+                                         "linearized_share", "linearized_block_loss", "linearized_frozen_loss",
+                                         "linearized_blocks_share")
 
 STORE_NAME = "probes.zarr"
 METRICS_NAME = "metrics.jsonl"

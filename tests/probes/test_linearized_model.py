@@ -92,5 +92,6 @@ def test_one_block_linearized_matches_its_branch_taylor_expansion():
 
 def test_default_cadence_is_log_spaced_and_ends_at_the_last_step():
     steps = lin_steps(400)
-    assert steps[0] == 1 and steps[-1] == 400 and len(steps) == 5
-    assert all(b > 2 * a for a, b in zip(steps[:-2], steps[1:-1]))
+    assert steps[0] == 1 and steps[-1] == 399 and len(steps) == 4
+    assert all(b > 5 * a for a, b in zip(steps, steps[1:]))
+    assert lin_steps(400, 0) == [] and lin_steps(1) == []
