@@ -87,6 +87,8 @@ def quantity_table(ds: xr.Dataset, quantity: Quantity) -> pd.DataFrame:
         frame["branch"] = "-"
     else:
         frame = frame.rename(columns={quantity.selector: "branch"})
+        if quantity.components is not None:
+            frame = frame[frame["branch"].isin(quantity.components)]
     frame = frame[np.isfinite(frame["value"])]
     return frame[["param", "alpha", "depth", "width", "seed", "lr", "branch", "value"]].reset_index(drop=True)
 
@@ -116,19 +118,28 @@ def _slopes(table: pd.DataFrame, axis: str, n_boot: int, seed: int) -> pd.DataFr
 
 
 def status(measured: float, lo: float, hi: float, predicted: float, tolerance: float,
-           n_levels: int) -> tuple[str, str]:
-    """(status, reason) of one row; see the module docstring."""
+           n_levels: int, floor: float | None = None) -> tuple[str, str]:
+    """(status, reason) of one row; see the module docstring.
+
+    `floor` (theory.Quantity.floor): for an asymptotic exponent, an interval between the floor and
+    the prediction (± tolerance) is "inconclusive" (not yet asymptotic), not "fail".
+    """
     if n_levels < MIN_LEVELS:
         return "inconclusive", f"{n_levels} values along the axis; a status needs {MIN_LEVELS}"
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return "inconclusive", "no interval (needs two or more seeds at each value)"
     band = (predicted - tolerance, predicted + tolerance)
     span = f"[{lo:.2f}, {hi:.2f}]"
-    if hi < band[0] or lo > band[1]:
-        return "fail", f"interval {span} lies outside the predicted {predicted:+.2f} ± {tolerance:g}"
-    if hi - lo > MAX_CI_WIDTH:
-        return "inconclusive", f"interval {span} is wider than {MAX_CI_WIDTH:g}"
-    return "pass", f"interval {span} overlaps {predicted:+.2f} ± {tolerance:g}"
+    if not (hi < band[0] or lo > band[1]):
+        if hi - lo > MAX_CI_WIDTH:
+            return "inconclusive", f"interval {span} is wider than {MAX_CI_WIDTH:g}"
+        return "pass", f"interval {span} overlaps {predicted:+.2f} ± {tolerance:g}"
+    if floor is not None:
+        wide = (min(floor, predicted) - tolerance, max(floor, predicted) + tolerance)
+        if not (hi < wide[0] or lo > wide[1]):
+            return "inconclusive", (f"interval {span} lies between the small-size floor {floor:+.2f} and the "
+                                    f"asymptotic {predicted:+.2f}: not yet asymptotic at these sizes")
+    return "fail", f"interval {span} lies outside the predicted {predicted:+.2f} ± {tolerance:g}"
 
 
 def conformance(ds: xr.Dataset, quantities: Iterable[str] | None = None, n_boot: int = stats.DEFAULT_N_BOOT,
@@ -159,7 +170,8 @@ def conformance(ds: xr.Dataset, quantities: Iterable[str] | None = None, n_boot:
                 if predicted is None:
                     continue
                 tol = TOLERANCE.get(name, DEFAULT_TOLERANCE)
-                verdict, reason = status(fit["slope"], fit["ci_low"], fit["ci_high"], predicted, tol, fit["n_depths"])
+                verdict, reason = status(fit["slope"], fit["ci_low"], fit["ci_high"], predicted, tol, fit["n_depths"],
+                                         q.floor)
                 rows.append({"quantity": name, "component": fit["branch"], "axis": axis, "param": fit["param"],
                              "measured": fit["slope"], "ci_low": fit["ci_low"], "ci_high": fit["ci_high"],
                              "predicted": predicted, "tolerance": tol, "status": verdict,
