@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import torch
 
 from probes.adapters import GPTAdapter
@@ -95,3 +96,41 @@ def test_default_cadence_is_log_spaced_and_ends_at_the_last_step():
     assert steps[0] == 1 and steps[-1] == 399 and len(steps) == 4
     assert all(b > 5 * a for a, b in zip(steps, steps[1:]))
     assert lin_steps(400, 0) == [] and lin_steps(1) == []
+
+
+def test_recorder_cadence_and_offline_command_agree_with_the_model(tmp_path):
+    import subprocess
+    import sys
+
+    import xarray as xr
+
+    from probes.linearized_model import DEFAULT_BATCH_SIZE
+    from tests.conform_sweeps import tiny_run
+    from trainer import checkpoint as ckpt
+    from trainer.data import TokenData
+    from trainer.loop import RunSpec
+
+    run = tiny_run(tmp_path / "run", steps=4, linearized=2)
+    with xr.open_zarr(run / "linearized.zarr") as ds:
+        assert list(ds["step"].values) == [1, 3]  # log-spaced up to the last step's θ
+        assert ds["linearized_block_loss"].shape == (2, 2)
+        assert np.isfinite(ds["linearized_share"].values).all()
+    proc = subprocess.run([sys.executable, "-m", "diagnose", "linearize", str(run)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with xr.open_zarr(run / "linearized.zarr") as ds:
+        assert list(ds["step"].values) == [1, 3, 4]
+        offline = ds.sel(step=4).load()
+    # The real model's loss at the checkpoint, computed directly, on the same held-out sequences.
+    import json
+
+    spec = RunSpec.from_dict(json.loads((run / "config.json").read_text()))
+    model = GPT(spec.param, spec.model)
+    model.load_state_dict(ckpt.load(run / "checkpoint.pt")["model"])
+    batch = TokenData(spec.data, spec.model.seq_len).probe_batch(DEFAULT_BATCH_SIZE, 1)
+    with torch.no_grad():
+        direct = float(model.double()(batch[:, :-1], batch[:, 1:]))
+    assert abs(float(offline["linearized_model_loss"]) - direct) < 1e-5
+    share = (offline["linearized_init_loss"] - offline["linearized_loss"]) / (
+        offline["linearized_init_loss"] - offline["linearized_model_loss"])
+    assert abs(float(share) - float(offline["linearized_share"])) < 1e-5
