@@ -192,3 +192,28 @@ def prediction_table(params: list[tuple[str, float]] | None = None) -> list[dict
                     rows.append({"param": param, "alpha": alpha, "quantity": q.name, "component": comp,
                                  "axis": axis, "predicted": predicted_exponent(param, alpha, q.name, axis, comp)})
     return rows
+
+
+def prediction_markdown() -> str:
+    """The table of predictions as markdown: one row per quantity (and component), one column per
+    parameterization and axis ("–": not predicted). `python -m analyses.theory` prints it."""
+    params = [("sp", math.nan, "SP"), ("mup", math.nan, "µP"), ("alpha", 0.5, "α=0.5"), ("alpha", 0.75, "α=0.75"),
+              ("alpha", 1.0, "α=1")]
+    head = ["quantity", *[f"{label} {axis}" for _, _, label in params for axis in AXES]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    components = {"branch": ("attn", "mlp"), "block_role": ("block_norm", "hidden_weight", "hidden_bias"),
+                  None: (None,)}
+    for q in QUANTITIES.values():
+        for comp in q.components or components[q.selector]:
+            cells = []
+            for param, alpha, _ in params:
+                for axis in AXES:
+                    e = predicted_exponent(param, alpha, q.name, axis, comp)
+                    cells.append("–" if e is None else f"{e:+g}")
+            name = q.name if comp is None else f"{q.name}[{comp}]"
+            lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(prediction_markdown())

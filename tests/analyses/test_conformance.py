@@ -137,3 +137,13 @@ def test_global_eps_fails_on_update_size_once_eps_matters(tmp_path):
     assert (_rows(broken, "update_rms", component="hidden_weight")["status"] == "fail").all()
     correct = conformance(open_sweep(tiny_sweep(tmp_path / "correct", eps_base=1e-3)), n_boot=200)
     assert (_rows(correct, "update_rms", component="hidden_weight")["status"] == "pass").all()
+
+
+def test_theory_agrees_with_the_laziness_verdicts_theory():
+    from analyses.laziness import theory_slope
+
+    for label, (param, alpha) in {"sp": ("sp", math.nan), "mup": ("mup", math.nan), "alpha=0.5": ("alpha", 0.5),
+                                  "alpha=0.75": ("alpha", 0.75), "alpha=1": ("alpha", 1.0)}.items():
+        for variable in ("lin_ratio", "nonlin_to_output"):
+            assert theory.predicted_exponent(param, alpha, variable, "depth", "mlp") == theory_slope(label, variable)
+    assert "| stream_change | +1 |" in theory.prediction_markdown()
