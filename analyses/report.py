@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from analyses import coordcheck, laziness, profile, run_laziness, stats, transfer
+from analyses import coordcheck, laziness, laziness_measures, profile, run_laziness, stats, transfer
 from analyses.load import (
     SWEEP_DIMS,
     AnalysisError,
@@ -215,6 +215,10 @@ def _figures(ds: xr.Dataset, res: dict, out_dir: Path, dpi: int) -> list[Path]:
                 tables[f"{param}, L={r['depth']}: mlp_add"] = profile.layer_step_table(cell, component="mlp_add")
         if any((t.to_numpy() > 0).any() for t in tables.values()):  # all zero before the first update
             made["feature_updates_heatmap.png"] = figures.update_heatmap_figure(tables)
+    if "laziness" in res:  # the laziness measures side by side (analyses.laziness_measures)
+        tables = laziness_measures.measure_tables(ds)
+        if len(tables) > 1:
+            made["laziness_measures_vs_depth.png"] = laziness_measures.measures_figure(tables)
     if res.get("single_run"):
         tables = run_laziness.layer_step_tables(ds)
         if tables and any(t.size for per in tables.values() for t in per.values()):
