@@ -100,6 +100,8 @@ probe_options = _stack([
     click.option("--probe-linearized", type=click.IntRange(min=0), default=4, show_default=True,
                  help="Log-spaced steps (ending at the last) at which the block-linearized model's loss is "
                       "measured (0: off)."),
+    click.option("--probe-feature-batch", type=click.IntRange(min=0), default=2, show_default=True,
+                 help="Sequences of the probe batch used for the feature change since init (0: all)."),
 ])
 
 
@@ -140,7 +142,8 @@ def build_spec(opts: dict[str, Any]):
         probes = ProbeConfig(every=opts["probe_every"], early=opts["probe_early"], batch_size=opts["probe_batch"],
                              dtype=opts["probe_dtype"], lin_batch_size=opts["probe_lin_batch"],
                              flush_every=opts["probe_flush"], flush_seconds=opts["probe_flush_seconds"],
-                             linearized=opts.get("probe_linearized", 4))
+                             linearized=opts.get("probe_linearized", 4),
+                             feature_batch_size=opts.get("probe_feature_batch", 2))
     return RunSpec(param=param, model=model, data=data, train=train), probes
 
 
