@@ -142,7 +142,33 @@ def summary_lines(ds: xr.Dataset) -> list[str]:
                 gm = float(np.exp(np.log(finite).mean())) if finite.size else math.nan
                 lines.append(f"| {measure} | {branch} | {last[0]:.3g} | {last[-1]:.3g} | {gm:.3g} |")
         lines += ["", "(values at the last probe step; the heatmap `laziness_by_layer.png` shows every step)", ""]
+    lines += _linearized_lines(ds)
     lines += ["A verdict (lazy or complete) needs the slope of these measures over depth, from a depth sweep "
               "of this configuration:", "", "```", sweep_command(ds), "```", "",
               "then `diagnose report` and `diagnose conform` on the sweep dir.", ""]
     return lines
+
+
+def _linearized_lines(ds: xr.Dataset) -> list[str]:
+    """The block-linearized model's losses at its steps (linearized.zarr), as a markdown table."""
+    from pathlib import Path
+
+    from probes import schema
+
+    run_dir = next((str(v) for v in ds["run_dir"].values.ravel() if isinstance(v, str) and v), "")
+    store = Path(run_dir) / schema.LINEARIZED_STORE_NAME
+    if not run_dir or not store.is_dir():
+        return []
+    with xr.open_dataset(store, engine="zarr", chunks=None) as lin:
+        lin = lin.load().sortby("step")
+    lines = ["Loss-level laziness: the block-linearized model (every branch F(h;θ_0) + J F(h;θ_0)(θ_t − θ_0)) "
+             "on held-out sequences. Share = (init − linearized) / (init − model): 1 means the lazy surrogate "
+             "explains all the learning; the blocks' share takes the model with every branch frozen at θ_0 as "
+             "reference instead of the initial model.", "",
+             "| step | init loss | model loss | linearized loss | share | blocks' share |", "|---|---|---|---|---|---|"]
+    for step in lin["step"].values:
+        r = lin.sel(step=step)
+        blocks = float(r["linearized_blocks_share"]) if "linearized_blocks_share" in r else math.nan
+        lines.append(f"| {int(step)} | {float(r['linearized_init_loss']):.4f} | {float(r['linearized_model_loss']):.4f}"
+                     f" | {float(r['linearized_loss']):.4f} | {float(r['linearized_share']):.3f} | {blocks:.3f} |")
+    return lines + [""]

@@ -64,6 +64,8 @@ def lin_steps(total_steps: int, count: int = 4) -> list[int]:
     last = total_steps - 1
     if count <= 0 or last < 1:
         return []
+    if count == 1:
+        return [last]
     return sorted({int(round(s)) for s in np.geomspace(1, last, num=count)})
 
 

@@ -7,7 +7,7 @@ from tests.conform_sweeps import tiny_run
 
 
 def test_single_run_report_shows_the_three_measures_and_the_sweep_command(tmp_path):
-    run = tiny_run(tmp_path / "run", depth=2, steps=4)
+    run = tiny_run(tmp_path / "run", depth=2, steps=4, linearized=1)
     proc = subprocess.run([sys.executable, "-m", "diagnose", "report", str(run), "--n-boot", "20"],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
@@ -15,6 +15,7 @@ def test_single_run_report_shows_the_three_measures_and_the_sweep_command(tmp_pa
     assert "## Laziness in this run" in text
     for measure in ("lin_ratio", "feature_change", "1-feature_cka"):
         assert f"| {measure} | attn |" in text and f"| {measure} | mlp |" in text
+    assert "| 3 |" in text and "blocks' share" in text  # the block-linearized model at the last step's θ
     assert "A lazy model shows" in text and "A complete (CompleteP) model" in text
     command = next(line for line in text.splitlines() if line.startswith("diagnose sweep"))
     assert "--param alpha --alpha 1" in command and "--depth 1,2,4,8" in command and "--width 32" in command

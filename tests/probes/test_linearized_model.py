@@ -95,7 +95,7 @@ def test_default_cadence_is_log_spaced_and_ends_at_the_last_step():
     steps = lin_steps(400)
     assert steps[0] == 1 and steps[-1] == 399 and len(steps) == 4
     assert all(b > 5 * a for a, b in zip(steps, steps[1:]))
-    assert lin_steps(400, 0) == [] and lin_steps(1) == []
+    assert lin_steps(400, 0) == [] and lin_steps(1) == [] and lin_steps(400, 1) == [399]
 
 
 def test_recorder_cadence_and_offline_command_agree_with_the_model(tmp_path):
