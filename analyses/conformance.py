@@ -34,7 +34,7 @@ import xarray as xr
 from analyses import stats
 from analyses.laziness import depth_slopes
 from analyses.load import InsufficientSweepError, as_sweep, list_runs, sort_by_param
-from analyses.theory import AXES, QUANTITIES, Quantity, predicted_exponent
+from analyses.theory import AXES, QUANTITIES, Quantity, floor_exponent, predicted_exponent
 from probes import schema
 
 # Half-width of the band around the predicted exponent, per quantity (default DEFAULT_TOLERANCE).
@@ -137,8 +137,8 @@ def status(measured: float, lo: float, hi: float, predicted: float, tolerance: f
     if floor is not None:
         wide = (min(floor, predicted) - tolerance, max(floor, predicted) + tolerance)
         if not (hi < wide[0] or lo > wide[1]):
-            return "inconclusive", (f"interval {span} lies between the small-size floor {floor:+.2f} and the "
-                                    f"asymptotic {predicted:+.2f}: not yet asymptotic at these sizes")
+            return "inconclusive", (f"interval {span} lies between the floor {floor:+.2f} and the limit "
+                                    f"{predicted:+.2f} (small sizes, or errors adding incoherently)")
     return "fail", f"interval {span} lies outside the predicted {predicted:+.2f} ± {tolerance:g}"
 
 
@@ -171,7 +171,7 @@ def conformance(ds: xr.Dataset, quantities: Iterable[str] | None = None, n_boot:
                     continue
                 tol = TOLERANCE.get(name, DEFAULT_TOLERANCE)
                 verdict, reason = status(fit["slope"], fit["ci_low"], fit["ci_high"], predicted, tol, fit["n_depths"],
-                                         q.floor)
+                                         floor_exponent(param, alpha, name, axis))
                 rows.append({"quantity": name, "component": fit["branch"], "axis": axis, "param": fit["param"],
                              "measured": fit["slope"], "ci_low": fit["ci_low"], "ci_high": fit["ci_high"],
                              "predicted": predicted, "tolerance": tol, "status": verdict,

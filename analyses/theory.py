@@ -57,8 +57,12 @@ Derivations (depth axis; all leading order in L, width fixed):
 8. `1 − linearized_share` (probes.linearized_model): the block-linearized surrogate misses each
    block's second-order term, L^(−a)·L^(2r) in the stream, L of them coherently: L^(1−a+2r), over a
    total stream change L^(1−a+r): relative loss of learning ∝ L^r: α − 1; so the share tends to 1 as
-   depth grows when α < 1 and stays bounded away from 1 at α = 1. SP/µP: the surrogate error grows
-   with depth like the stream change itself: None (not a power law one can trust).
+   depth grows when α < 1 and stays bounded away from 1 at α = 1. That is the *coherent* limit. If
+   the blocks' second-order errors add incoherently (√L instead of L) and are orthogonal to the loss
+   gradient (so the loss sees their square), the exponent is 2(r − 1/2) = 2α − 3: the *incoherent*
+   limit, the floor of this row (`floor_exponent`). The depth sweep of docs/EXPERIMENTS.md measures
+   values between the two for every α (CompleteP's share also approaches 1 at 40 steps).
+   SP/µP: the surrogate error grows with depth like the stream change itself: None.
 
 What SP and µP imply: with no depth dependence of the per-block LR (r = 0) and no branch
 multiplier (a = 0), per-entry updates, `lin_ratio`, `feature_change` and CKA do not change with
@@ -217,3 +221,12 @@ def prediction_markdown() -> str:
 
 if __name__ == "__main__":
     print(prediction_markdown())
+
+
+def floor_exponent(param: str, alpha: float, quantity: str, axis: str) -> float | None:
+    """The other end of an exponent's range where the prediction is an asymptotic or coherent limit
+    (theory.Quantity.floor; for `1-linearized_share` the incoherent limit 2α − 3), else None."""
+    q = QUANTITIES[quantity]
+    if quantity == "1-linearized_share" and axis == "depth" and param == "alpha":
+        return 2 * (alpha - 1.0) - 1.0
+    return q.floor
