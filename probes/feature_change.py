@@ -14,7 +14,7 @@ with in-block Adam LR ∝ m_L^(α−1), θ_t − θ_0 ∝ m_L^(α−1) per entry
 its first-order term vanishes). This shares no code path with the JVP linearization ratio.
 
 Memory: θ_0 of the block parameters is kept once on the device, in the parameters' own dtype: one
-extra copy of the blocks (≈ 12·L·N² numbers; e.g. 4 MB for N = 128, L = 4 in float32). Cost: two
+extra copy of the blocks (≈ 12·L·N² numbers; e.g. 3.2 MB for N = 128, L = 4 in float32). Cost: two
 forwards of each branch (at θ_t and θ_0) on the first `batch_size` probe sequences per probe step.
 """
 
