@@ -137,6 +137,8 @@ def summary_lines(ds: xr.Dataset) -> list[str]:
         lines += ["| measure | branch | first layer | last layer | layer mean (geometric) |", "|---|---|---|---|---|"]
         for measure, per_branch in tables.items():
             for branch, table in per_branch.items():
+                if table.size == 0:  # nothing recorded (e.g. a damaged store): the report warns of it
+                    continue
                 last = table.iloc[:, -1].to_numpy(dtype=float)
                 finite = last[np.isfinite(last) & (last > 0)]
                 gm = float(np.exp(np.log(finite).mean())) if finite.size else math.nan
