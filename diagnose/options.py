@@ -73,6 +73,9 @@ def _run_option_list(lists: bool) -> list[Callable]:
         click.option("--token-dtype", type=click.Choice(["", "uint16", "uint32"]), default="",
                      help="Token file dtype."),
         click.option("--vocab-size", type=int, default=256, show_default=True, help="Vocabulary (256 for bytes)."),
+        click.option("--dist", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
+                     help="Several processes (torchrun, Slurm): ddp keeps the whole model on each; fsdp (FSDP2) "
+                          "shards parameters, gradients and optimizer state (docs/SCALE_OUT.md)."),
     ]
 
 
@@ -127,6 +130,7 @@ def build_spec(opts: dict[str, Any]):
         eval_batch_size=opts["eval_batch_size"],
         checkpoint_every=opts["checkpoint_every"], log_every=opts["log_every"],
         seed=opts["seed"], device=opts["device"], dtype=opts["dtype"], compile=opts["compile_"],
+        dist=opts["dist"],
     )
     validate_train(train)
     probes = None
