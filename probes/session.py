@@ -119,7 +119,8 @@ class ProbeSession:
         lin = {}
         model = self.adapter.model
         sharded = probes_on_every_rank(model)
-        mine = set(my_share(len(self._branches), model))
+        # Split by cost (∝ the branch's parameter count) so that MLP branches do not pile up on one rank.
+        mine = my_share([sum(p.numel() for p in b.parameters()) for _, b, _, _ in self._branches], model)
         with self.adapter.linearizable():
             for i, (key, branch, input_site, local) in enumerate(self._branches):
                 # Whole tensors of this branch only (sharded: an all-gather every rank takes part in).

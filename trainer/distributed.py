@@ -247,8 +247,19 @@ def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def my_share(n: int, model: nn.Module) -> range:
-    """The items of `range(n)` this rank computes: every world-th, when the probes run on every rank."""
-    if not probes_on_every_rank(model) or not dist.is_initialized():
-        return range(n)
-    return range(dist.get_rank(), n, dist.get_world_size())
+def my_share(costs: list[float], model: nn.Module) -> set[int]:
+    """Indices of the work items (with these costs) that this rank computes.
+
+    All of them unless the probes run on every rank; then each item goes, largest first, to the rank
+    with the least work so far (lowest rank on ties): the same split on every rank, no communication.
+    """
+    if not probes_on_every_rank(model) or not dist.is_initialized() or dist.get_world_size() == 1:
+        return set(range(len(costs)))
+    load = [0.0] * dist.get_world_size()
+    mine = set()
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(len(load)), key=lambda r: (load[r], r))
+        load[rank] += costs[i]
+        if rank == dist.get_rank():
+            mine.add(i)
+    return mine
