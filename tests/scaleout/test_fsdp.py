@@ -178,3 +178,31 @@ def test_fsdp_on_one_process_equals_plain_training(runs, tmp_path):
         assert math.isclose(tf[s]["grad_norm"], t1[s]["grad_norm"], rel_tol=RTOL)
     _assert_same_records(one, tmp_path / "f1", ignore_attrs=("config",))
     assert not torch.distributed.is_initialized()  # the command's process group is gone again
+
+
+def test_sweep_passes_dist_fsdp_to_every_run_through_the_slurm_code_path(tmp_path):
+    """`diagnose sweep --dist fsdp --executor debug`: submitit's in-process executor, the code path of
+    Slurm array tasks (each task joins its run's process group; here one process, one shard)."""
+    out = tmp_path / "sw"
+    args = ["sweep", "--width", "64", "--depth", "2", "--seq-len", "16", "--batch-size", "4", "--steps", "2",
+            "--eval-every", "2", "--checkpoint-every", "2", "--log-every", "2", "--seed", "0,1", "--no-probes",
+            "--device", "cpu", "--dist", "fsdp", "--executor", "debug", "--out", str(out)]
+    before = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0, result.output
+    assert "(2 finished, 0 diverged)" in result.output
+    for name in json.loads((out / "sweep.json").read_text())["runs"]:
+        config = json.loads((out / name / "config.json").read_text())
+        assert config["train"]["dist"] == "fsdp"
+        state = torch.load(out / name / "checkpoint.pt", weights_only=True)
+        assert set(state["optimizer"]["state"]) == set(state["model"])  # the sharded (by-name) checkpoint
+    assert not torch.distributed.is_initialized()
+
+
+def test_unknown_dist_fails_in_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["run", *ARGS, "--dist", "zero3", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "'zero3' is not one of 'ddp', 'fsdp'" in result.output
+    assert not (tmp_path / "r").exists()
