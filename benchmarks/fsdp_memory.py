@@ -9,7 +9,8 @@ extra memory is included) on the CPU (gloo), then reports per rank, as one JSON 
   part), next to the formula of docs/SCALE_OUT.md: 16·P bytes (fp32 weights, grads, two Adam moments)
   under DDP, 16·P/W (+ padding of uneven shards) under FSDP2;
 - the largest whole parameters the probes' linearization held at once (θ_t and θ_{t+1} of one branch);
-- peak resident memory of the process (ru_maxrss; includes torch itself, about 0.3-0.4 GB).
+- peak resident memory of the process (ru_maxrss; includes torch itself, about 0.3-0.4 GB) after the
+  model is built, after the last update (training and probe steps) and at the end (final checkpoint).
 """
 
 from __future__ import annotations
@@ -42,19 +43,28 @@ def local_bytes(tensors) -> int:
     return sum(local_part(t).numel() * local_part(t).element_size() for t in tensors)
 
 
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (Linux ru_maxrss, kB), in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class GradientBytes(Observer):
-    """Bytes of the gradients this rank holds when they are final (the loop frees them after the step)."""
+    """Bytes of the gradients this rank holds when they are final (the loop frees them after the step),
+    and the peak RSS after the last update, before the final checkpoint gathers the full state."""
 
     name = "gradient_bytes"
 
     def __init__(self):
-        self.bytes = 0
+        self.bytes, self.peak_rss_before_checkpoint_mb = 0, 0.0
 
     def wants(self, step: int) -> bool:
         return True
 
     def before_update(self, step: int, trainer: Trainer) -> None:
         self.bytes = local_bytes(p.grad for p in trainer.model.parameters() if p.grad is not None)
+
+    def after_update(self, step: int, trainer: Trainer) -> None:
+        self.peak_rss_before_checkpoint_mb = peak_rss_mb()
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -67,6 +77,7 @@ def measure(args: argparse.Namespace) -> dict:
     recorder = ProbeRecorder(ProbeConfig(every=1, batch_size=2), out, spec)
     grads = GradientBytes()
     trainer = Trainer(spec, out, observers=[recorder, grads], quiet=True)
+    rss_built = peak_rss_mb()  # model built on every rank (whole), then sharded or wrapped; optimizer made
     trainer.run()
     opt_state = [t for s in trainer.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     session = recorder.session
@@ -76,7 +87,9 @@ def measure(args: argparse.Namespace) -> dict:
         "grad_bytes": grads.bytes,
         "adam_bytes": local_bytes(opt_state),
         "lin_gathered_peak_bytes": session.lin_gathered_peak_bytes if session is not None else None,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_after_build_mb": rss_built,
+        "peak_rss_before_checkpoint_mb": grads.peak_rss_before_checkpoint_mb,
+        "peak_rss_mb": peak_rss_mb(),
     }
     rows = [None] * world
     dist.all_gather_object(rows, mine)
