@@ -206,3 +206,21 @@ def test_unknown_dist_fails_in_one_line(tmp_path):
     result = CliRunner().invoke(main, ["run", *ARGS, "--dist", "zero3", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "'zero3' is not one of 'ddp', 'fsdp'" in result.output
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp_checkpoint_resumes_on_one_process(runs, tmp_path):
+    """The checkpoint holds whole tensors, so it does not depend on the number of shards."""
+    import shutil
+
+    _, fsdp, *_ = runs
+    out = tmp_path / "moved"
+    shutil.copytree(fsdp, out)
+    config = json.loads((out / "config.json").read_text())
+    config["train"]["steps"] = 24  # four more updates
+    (out / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["run", "--resume", "--quiet", "--no-report", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (t, v), (_, v_ref) = metrics(out), metrics(fsdp)
+    assert v[20] == v_ref[20]  # the reloaded model gives the saved model's validation loss, bit for bit
+    assert sorted(t)[-4:] == [20, 21, 22, 23] and all(math.isfinite(t[s]["loss"]) for s in t)
