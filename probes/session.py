@@ -13,7 +13,7 @@ Sharded parameters (FSDP2): every rank calls `before_update`/`after_update` (a f
 model is a collective). Each rank runs the probe forward/backward on the whole probe batch, so the
 activation statistics need no reduction; sums over parameters add the ranks' shards in one
 all-reduce (`trainer.distributed.squared_norms`); the linearization all-gathers θ_t and θ_{t+1} of
-one branch at a time, the branches are split round-robin over the ranks, and their norms summed
+one branch at a time, the branches are split over the ranks by size, and their norms summed
 across ranks once. Every rank ends with the same values; the caller decides who records them.
 """
 
