@@ -19,6 +19,7 @@ across ranks once. Every rank ends with the same values; the caller decides who 
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -92,6 +93,10 @@ class ProbeSession:
         )
         values = builtin_statistics(ctx)
         values["probe_loss"] = pending["loss"].float()
+        # The round-off guard of a float32 linearization (NaN floor and 0 in float64).
+        table = [[lin[(layer, b)] for b in BRANCHES] for layer in range(self.adapter.depth)]
+        values["nonlin_floor"] = torch.stack([torch.stack([r.nonlin_floor for r in row]) for row in table]).float()
+        values["lin_below_floor"] = torch.stack([torch.stack([r.below_floor for r in row]) for row in table]).float()
         for name, stat in USER_STATISTICS.items():
             values[name] = stat.fn(ctx)
         self.prev = acts
@@ -108,7 +113,8 @@ class ProbeSession:
         `params_*` map model parameter names to θ_t and θ_{t+1}; evaluated in `self.dtype`, on the first
         `self.lin_batch_size` sequences (all when None; branches act on each sequence alone). This is
         most of a probe step's cost: per branch, the JVP (primal and tangent) and F(θ + Δθ), in
-        float64 on a CPU (see benchmarks/RESULTS.md).
+        float64 by default (see benchmarks/RESULTS.md); in float32 also one float64 F(θ) for the
+        round-off floor (probes/linearization.py).
         """
         if self._branches is None:  # branch modules and their parameter names never change
             self._branches = []
@@ -142,11 +148,11 @@ class ProbeSession:
     def _share(self, lin: dict[tuple[int, str], LinearizationResult]) -> dict[tuple[int, str], LinearizationResult]:
         """Every branch's norms on every rank: each rank fills its own rows, one sum across ranks."""
         keys = [key for key, *_ in self._branches]
-        table = torch.zeros(len(keys), 3, dtype=self.dtype, device=self.batch.device)
+        names = [f.name for f in fields(LinearizationResult)]  # every stored norm (a NaN floor stays NaN)
+        table = torch.zeros(len(keys), len(names), dtype=torch.float64, device=self.batch.device)
         for i, key in enumerate(keys):
             if key in lin:
-                r = lin[key]
-                table[i] = torch.stack([r.branch_norm, r.lin_norm, r.nonlin_norm])
+                table[i] = torch.stack([getattr(lin[key], n).to(table.dtype) for n in names])
         table = sum_across_ranks(table)
         return {key: LinearizationResult(*table[i].unbind()) for i, key in enumerate(keys)}
 
