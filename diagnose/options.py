@@ -78,6 +78,9 @@ def _run_option_list(lists: bool) -> list[Callable]:
         click.option("--ablate", default="", show_default=False,
                      help="DEBUG: break Table 1 on purpose (comma-separated: no-depth-lr, no-branch-multiplier, "
                           "global-eps, sp-init), to see `diagnose conform` catch it."),
+        click.option("--dist", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
+                     help="Several processes (torchrun, Slurm): ddp keeps the whole model on each; fsdp (FSDP2) "
+                          "shards parameters, gradients and optimizer state (docs/SCALE_OUT.md)."),
     ]
 
 
@@ -141,6 +144,7 @@ def build_spec(opts: dict[str, Any]):
         eval_batch_size=opts["eval_batch_size"],
         checkpoint_every=opts["checkpoint_every"], log_every=opts["log_every"],
         seed=opts["seed"], device=opts["device"], dtype=opts["dtype"], compile=opts["compile_"],
+        dist=opts["dist"],
     )
     validate_train(train)
     probes = None

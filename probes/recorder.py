@@ -4,7 +4,8 @@ Schedule: step 0, a log-spaced early schedule (1, 2, 4, 8, ... below `every`, si
 most), every `every` steps, and the last step. Buffering, the single host transfer per probe step and
 the appends to `<run_dir>/probes.zarr` are `ProbeLog`'s; the trainer's checkpoints also flush, so a
 resume finds every probe step before its checkpoint on disk. Probes run on rank 0 only, on the eager
-module behind any DDP or compile wrapper.
+module behind any DDP or compile wrapper; under FSDP2 on every rank (a forward is a collective), and
+rank 0 alone records.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from probes.probe_log import FEATURE_BATCH_SIZE, FLUSH_EVERY, FLUSH_SECONDS, LIN
 from probes.schema import STORE_NAME
 from probes.session import ProbeSession
 from probes.store import RecordStore
+from trainer.distributed import probes_on_every_rank
 from trainer.errors import ConfigError
 from trainer.observers import Observer
 
@@ -116,18 +118,19 @@ class ProbeRecorder(Observer):
             lin_batch_size=self.config.lin_batch_size or None,
             feature_batch_size=self.config.feature_batch_size or None, flush_every=self.config.flush_every,
             flush_seconds=self.config.flush_seconds, append=True,  # a resumed run continues its store
+            write=trainer.is_main,
         )
         if self._state:
             self.log.session.load_state_dict(self._state)
 
     def before_update(self, step: int, trainer: Trainer) -> None:
-        if not trainer.is_main:
+        if not (trainer.is_main or probes_on_every_rank(trainer.model)):
             return
         self._setup(trainer)
         self.log.before_update(step)
 
     def after_update(self, step: int, trainer: Trainer) -> None:
-        if not trainer.is_main:
+        if not (trainer.is_main or probes_on_every_rank(trainer.model)):
             return
         self.log.after_update(step, trainer.optimizer, train_loss=trainer.last_loss,
                               val_loss=trainer.last_val_loss)
