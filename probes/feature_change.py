@@ -16,6 +16,10 @@ its first-order term vanishes). This shares no code path with the JVP linearizat
 Memory: θ_0 of the block parameters is kept once on the device, in the parameters' own dtype: one
 extra copy of the blocks (≈ 12·L·N² numbers; e.g. 3.2 MB for N = 128, L = 4 in float32). Cost: two
 forwards of each branch (at θ_t and θ_0) on the first `batch_size` probe sequences per probe step.
+
+Sharded parameters (FSDP2): θ_0 is kept whole (all-gathered once, at the first probe step), so each
+rank holds one full copy of the block parameters; θ_t is all-gathered one branch at a time, and every
+rank evaluates every branch (the values are the same on every rank).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch.func import functional_call
 from probes.adapters import ModelAdapter
 from probes.hooks import capture
 from probes.schema import BRANCHES
+from trainer.distributed import full_parameters
 
 # The internal feature φ of each branch.
 FEATURE_SITES: dict[str, str] = {"attn": "attn_mix", "mlp": "mlp_hidden"}
@@ -80,7 +85,9 @@ class FeatureChange:
 
     def set_reference(self, params: dict[str, torch.Tensor]) -> None:
         """Keep θ_0 (a copy of the branches' parameters in `params`, model name → tensor)."""
-        self.theta0 = {n: params[n].detach().clone() for n in self.names}
+        # Sorted: a set's order differs between processes, and the all-gathers must match across ranks.
+        whole = full_parameters({n: params[n] for n in sorted(self.names)})
+        self.theta0 = {n: t.detach().clone() for n, t in whole.items()}
 
     def measure(self, acts: dict[tuple[int, str], torch.Tensor],
                 params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -106,8 +113,10 @@ class FeatureChange:
                 h = acts[(layer, input_site)][: self.batch_size]
                 dtype = next(iter(params[g] for g in local.values())).dtype
                 h = h.to(dtype)
-                now, ref = self._features(module, h, {k: params[g] for k, g in local.items()}, wanted), \
-                    self._features(module, h, {k: self.theta0[g] for k, g in local.items()}, wanted)
+                # Whole tensors of this branch (sharded: an all-gather that every rank takes part in).
+                theta_t = full_parameters({k: params[g] for k, g in local.items()})
+                now = self._features(module, h, theta_t, wanted)
+                ref = self._features(module, h, {k: self.theta0[g] for k, g in local.items()}, wanted)
                 col = BRANCHES.index(branch_name)
                 site = FEATURE_SITES[branch_name]
                 if site in now:

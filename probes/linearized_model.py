@@ -51,6 +51,7 @@ from probes.adapters import GPTAdapter, ModelAdapter
 from probes.hooks import capture
 from probes.schema import BRANCHES, CONFIG_NAME, LINEARIZED_STORE_NAME
 from probes.store import RecordStore
+from trainer.distributed import full_parameters, probes_on_every_rank
 from trainer.observers import Observer
 
 if TYPE_CHECKING:
@@ -210,14 +211,26 @@ class LinearizedModelRecorder(Observer):
         return step in self.steps
 
     def before_update(self, step: int, trainer: Trainer) -> None:
-        if not trainer.is_main:
+        model = trainer.eager_model
+        if probes_on_every_rank(model):
+            # Sharded (FSDP2): every rank takes part in gathering whole θ_t (sorted names: the same
+            # collectives in the same order on every rank); rank 0 measures on a whole copy.
+            params = full_parameters({n: p.detach() for n, p in sorted(model.named_parameters())})
+            if not trainer.is_main:
+                return
+            model = initial_model(trainer.spec)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(params[name])
+            del params
+        elif not trainer.is_main:
             return
         batch = trainer.data.probe_batch(self.batch_size, self.seed + 1)  # held out, not the probe batch
         if self._init is None:
             init = initial_model(trainer.spec)
             self._init = ({n: p.detach() for n, p in init.named_parameters()}, model_loss(init, GPTAdapter, batch))
         theta0, init_loss = self._init
-        surrogate = BlockLinearizedModel(GPTAdapter(trainer.eager_model), theta0)
+        surrogate = BlockLinearizedModel(GPTAdapter(model), theta0)
         row = surrogate.measure(batch, init_loss)
         write_records(self.run_dir, surrogate.depth, [step], [row], {"batch_size": self.batch_size})
 

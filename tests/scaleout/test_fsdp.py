@@ -89,6 +89,13 @@ def test_fsdp_probe_records_equal_one_process(runs):
     c2 = json.loads(xr.open_zarr(fsdp / "probes.zarr").attrs["config"])
     c1["train"].pop("dist"), c2["train"].pop("dist")
     assert c1 == c2
+    # The feature change since θ_0 (θ_0 gathered whole once) and the block-linearized model (θ_t
+    # gathered, measured on rank 0) agree with one process too.
+    assert np.all(np.isfinite(ds["feature_change"].values))
+    with xr.open_zarr(one / "linearized.zarr") as a, xr.open_zarr(fsdp / "linearized.zarr") as b:
+        assert a["step"].values.tolist() == b["step"].values.tolist() and a.sizes["step"] >= 1
+        for name in a.data_vars:
+            np.testing.assert_allclose(b[name].values, a[name].values, rtol=RTOL, err_msg=name)
 
 
 def test_fsdp_checkpoint_is_the_full_model_and_loads_without_unpickling(runs):
