@@ -19,7 +19,7 @@ import torch
 from probes.adapters import ModelAdapter
 from probes.hooks import capture
 from probes.linearization import LinearizationResult, branch_linearization
-from probes.schema import BRANCHES
+from probes.schema import BRANCHES, SITES
 from probes.statistics import USER_STATISTICS, ProbeContext, builtin_statistics
 
 
@@ -48,7 +48,7 @@ class ProbeSession:
         was_training = model.training
         model.eval()  # no dropout (and no RNG use) in a probe forward
         try:
-            with torch.enable_grad(), capture(self.adapter.sites()) as acts:
+            with torch.enable_grad(), capture(self.adapter.sites()) as acts, self.adapter.probing():
                 loss = self.adapter.loss(self.batch)
                 pre = [acts[(l, "resid_pre")] for l in range(self.adapter.depth)]
                 grads = torch.autograd.grad(loss, pre) if loss.requires_grad else [torch.zeros_like(p) for p in pre]
@@ -56,7 +56,7 @@ class ProbeSession:
             model.train(was_training)
         self._pending = {
             "step": step,
-            "acts": {k: v.detach().float().clone() for k, v in acts.items()},
+            "acts": self._fill_absent({k: v.detach().float().clone() for k, v in acts.items()}),
             "grads": [g.detach() for g in grads],
             "loss": loss.detach(),
             "before": {n: p.detach().clone() for n, p in model.named_parameters()},
@@ -77,6 +77,7 @@ class ProbeSession:
             step=step, depth=self.adapter.depth, acts=acts, ref0=self.ref0, prev=self.prev,
             grads=pending["grads"], probe_loss=pending["loss"], linearization=lin,
             params_before=pending["before"], params_after=after, roles=self.roles, layers=self.layers,
+            branch_inputs={name: self.adapter.branch(0, name)[1] for name in BRANCHES},
         )
         values = builtin_statistics(ctx)
         values["probe_loss"] = pending["loss"].float()
@@ -116,6 +117,16 @@ class ProbeSession:
                 )
         return lin
 
+    @staticmethod
+    def _fill_absent(acts: dict[tuple[int, str], torch.Tensor]) -> dict[tuple[int, str], torch.Tensor]:
+        """A site the model does not have (`resid_mid` of a parallel-residual block) reads as NaN."""
+        layers = {layer for layer, _ in acts if layer >= 0}
+        for layer in layers:
+            for site in SITES:
+                if (layer, site) not in acts:
+                    acts[(layer, site)] = torch.full_like(acts[(layer, "resid_pre")], float("nan"))
+        return acts
+
     def _local_names(self, branch: torch.nn.Module) -> dict[str, str]:
         """Branch-local parameter name → model parameter name (matched by identity, not by string)."""
         return {k: self._global_names[id(p)] for k, p in branch.named_parameters()}
@@ -131,3 +142,4 @@ class ProbeSession:
         device = self.batch.device
         unpack = lambda v: None if v is None else {k: t.to(device) for k, t in zip(keys, v)}  # noqa: E731
         self.ref0, self.prev = unpack(state.get("ref0")), unpack(state.get("prev"))
+        self.ref0, self.prev = (None if d is None else self._fill_absent(d) for d in (self.ref0, self.prev))
