@@ -84,6 +84,7 @@ class ProbeLog:
         flush_every: int = FLUSH_EVERY,
         flush_seconds: float = FLUSH_SECONDS,
         append: bool = False,
+        live: str | Iterable[str] | None = None,
     ):
         """`steps`: the probe steps (None: every step `update` is called with); `attrs`: stored on the
         records (`param`, `alpha`, `width`, `depth`, `lr`, `seed`, `label`, as `analyses` reads them;
@@ -92,7 +93,9 @@ class ProbeLog:
         optimizer); `groups`: optimizer group names for `effective_lr` (default: from the first
         optimizer passed to `update`, else "all"); `dtype`: linearization precision (None: float64
         on a CPU, float32 on CUDA); `lin_batch_size`: probe sequences for the linearization error
-        (None: all); `append`: continue an existing store (a resumed run) instead of refusing it."""
+        (None: all); `append`: continue an existing store (a resumed run) instead of refusing it;
+        `live`: also write per-layer summaries as they are measured to "tensorboard" and/or "wandb"
+        (probes.sinks; off by default, the store stays the record)."""
         if dtype is None:
             dtype = torch.float32 if probe_batch.device.type == "cuda" else torch.float64
         self.session = ProbeSession(adapter, probe_batch, dtype, lin_batch_size=lin_batch_size)
@@ -110,6 +113,11 @@ class ProbeLog:
         self._buffer: list[tuple[int, dict[str, np.ndarray]]] = []
         self._store: RecordStore | None = None
         self._last_flush = time.monotonic()
+        self.sinks: list = []
+        if live:  # imported only when asked for, and so are the sink libraries
+            from probes.sinks import open_sinks
+
+            self.sinks = open_sinks(live, Path(run_dir), self.attrs)
 
     def wants(self, step: int) -> bool:
         return self.steps is None or step in self.steps
@@ -167,6 +175,12 @@ class ProbeLog:
             offset += size
         row.update(host)
         self._buffer.append((step, row))
+        if self.sinks:
+            from probes.sinks import summary_scalars
+
+            scalars = summary_scalars(row)
+            for sink in self.sinks:
+                sink.write(step, scalars)
         if len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
@@ -185,7 +199,12 @@ class ProbeLog:
             steps, rows = zip(*self._buffer)
             self._open_store().append(list(steps), list(rows))
             self._buffer.clear()
+        for sink in self.sinks:
+            sink.flush()
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
         self.flush()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
