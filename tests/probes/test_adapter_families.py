@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers", reason="the adapter tests nee
 
 from analyses.load import open_run  # noqa: E402
 from probes.adapters import adapter_for  # noqa: E402
-from probes.decoder import DecoderAdapter  # noqa: E402
+from probes.decoder import DecoderAdapter, DecoderSpec  # noqa: E402
 from probes.hooks import capture, count_hooks  # noqa: E402
 from probes.probe_log import ProbeLog  # noqa: E402
 from probes.schema import BRANCHES, SITES  # noqa: E402
@@ -32,7 +32,20 @@ CONFIGS = {
     "qwen3": lambda: transformers.Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=8),
     "neox-parallel": lambda: transformers.GPTNeoXConfig(**COMMON, use_parallel_residual=True, rotary_pct=0.5),
     "neox-sequential": lambda: transformers.GPTNeoXConfig(**COMMON, use_parallel_residual=False),
+    "phi": lambda: transformers.PhiConfig(**COMMON),  # not built in: described by the README's spec below
 }
+
+# The README's example, verbatim: a family the toolkit does not know (Phi: attention and MLP in parallel
+# behind one LayerNorm, partial rotary), described in a DecoderSpec.
+README_SPEC = DecoderSpec(
+    blocks="model.layers",                                   # the list of blocks
+    attn="self_attn", attn_norm="input_layernorm",           # attention and the norm it reads
+    mlp="mlp", mlp_norm="input_layernorm",                   # MLP and its norm (shared here)
+    final_norm="model.final_layernorm", embedding="model.embed_tokens",
+    attn_out_proj="dense", mlp_out_proj="fc2",               # output projections (internal sites)
+    parallel_residual=True,                                  # both branches read the block input
+)
+SPECS = {"phi": README_SPEC}
 
 
 def _llama_parts(m, l):
@@ -51,7 +64,14 @@ PARTS = {
                           m.transformer.h[l].mlp),
     "llama": _llama_parts, "mistral": _llama_parts, "qwen2": _llama_parts, "qwen3": _llama_parts,
     "neox-parallel": _neox_parts, "neox-sequential": _neox_parts,
+    "phi": lambda m, l: (m.model.layers[l].input_layernorm, m.model.layers[l].self_attn,
+                         m.model.layers[l].input_layernorm, m.model.layers[l].mlp),
 }
+PARALLEL = {"neox-parallel", "phi"}
+
+
+def make_adapter(model, family: str):
+    return adapter_for(model, spec=SPECS.get(family))
 
 
 # Qwen3's RMSNorm on queries and keys computes in float32 even in a float64 model, so its own attention
@@ -101,12 +121,21 @@ def family(request):
     return request.param
 
 
+def test_an_unknown_family_gets_one_clear_error():
+    model = build("phi")
+    with pytest.raises(LookupError, match="no probe adapter for PhiForCausalLM .*model_type 'phi'.*DecoderSpec"):
+        adapter_for(model)
+    bad = DecoderSpec(**{**README_SPEC.__dict__, "blocks": "model.blocks"})
+    with pytest.raises(LookupError, match="DecoderSpec.blocks='model.blocks': 'model' has no submodule 'blocks'"):
+        adapter_for(model, spec=bad)
+
+
 def test_branch_replays_the_models_own_branch(family):
     """(1) The linearized branch, fed the captured input, is the model's own branch output."""
     model = build(family)
     batch = tokens(1)
     own = own_branches(model, family, batch)
-    adapter = adapter_for(model)
+    adapter = make_adapter(model, family)
     assert isinstance(adapter, DecoderAdapter)
     with torch.no_grad(), adapter.probing():
         adapter.loss(batch)  # the probe forward: records each branch module's arguments
@@ -125,10 +154,10 @@ def test_stream_identities_at_the_sites(family):
     """(2) resid_mid = resid_pre + attn_add, resid_post = resid_mid + mlp_add (parallel residual:
     resid_post = resid_pre + attn_add + mlp_add and no resid_mid)."""
     model = build(family)
-    adapter = adapter_for(model)
+    adapter = make_adapter(model, family)
     with torch.no_grad(), capture(adapter.sites()) as acts:
         adapter.loss(tokens(2))
-    parallel = family == "neox-parallel"
+    parallel = family in PARALLEL
     assert adapter.parallel is parallel
     for layer in range(adapter.depth):
         a = {s: acts.get((layer, s)) for s in SITES}
@@ -139,6 +168,13 @@ def test_stream_identities_at_the_sites(family):
             torch.testing.assert_close(a["resid_mid"], a["resid_pre"] + a["attn_add"])
             torch.testing.assert_close(a["resid_post"], a["resid_mid"] + a["mlp_add"])
     torch.testing.assert_close(acts[(-1, "embed")], acts[(0, "resid_pre")])
+    # internal sites: the output projections, applied to what was read there, give the branch outputs
+    inner = {(layer, k): spec for layer in range(adapter.depth) for k, spec in adapter.internal_sites(layer).items()}
+    with torch.no_grad(), capture(inner) as found:
+        adapter.loss(tokens(2))
+    for (layer, key), spec in inner.items():
+        branch = "mlp_out" if key == "mlp_hidden" else "attn_out"
+        torch.testing.assert_close(spec.module(found[(layer, key)]), acts[(layer, branch)])
     torch.testing.assert_close(acts[(-1, "final_stream")], acts[(adapter.depth - 1, "resid_post")])
 
 
@@ -158,7 +194,7 @@ def test_jvp_matches_finite_differences_of_the_model(family):
     """(3) Forward-mode JVP of the replayed branch = central differences of the model's own forward."""
     model = build(family)
     batch = tokens(3)
-    adapter = adapter_for(model)
+    adapter = make_adapter(model, family)
     own = own_branches(model, family, batch)
     with torch.no_grad(), adapter.probing():
         adapter.loss(batch)
@@ -187,7 +223,7 @@ def test_probes_leave_training_unchanged_and_analyses_read_the_store(family, tmp
     for probed in (False, True):
         model = build(family, torch.float32)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        log = ProbeLog(adapter_for(model), tokens(5), tmp_path / family, lin_batch_size=1) if probed else None
+        log = ProbeLog(make_adapter(model, family), tokens(5), tmp_path / family, lin_batch_size=1) if probed else None
         for step in range(3):
             batch = tokens(10 + step, batch=4)
             loss = model(batch[:, :-1], labels=batch[:, :-1]).loss
@@ -209,7 +245,7 @@ def test_probes_leave_training_unchanged_and_analyses_read_the_store(family, tmp
     ratio = ds.lin_ratio.values
     assert ratio.shape == (3, 2, 2) and (ratio > 0).all() and (ratio < 1).all()
     mid = ds.act_rms.sel(site="resid_mid").values
-    if family == "neox-parallel":
+    if family in PARALLEL:
         assert torch.isnan(torch.from_numpy(mid)).all()
     else:
         assert (mid > 0).all()
