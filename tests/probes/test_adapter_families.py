@@ -7,6 +7,7 @@ force), and its JVP must match central finite differences of the *model's* forwa
 """
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +251,11 @@ def test_probes_leave_training_unchanged_and_analyses_read_the_store(family, tmp
     else:
         assert (mid > 0).all()
     assert (ds.branch_to_stream.values > 0).all()
+
+
+def test_the_readme_shows_the_spec_that_is_tested():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme[readme.index("spec = DecoderSpec(\n"):]
+    block = block[: block.index("\n)\n") + 2].splitlines()[1:]
+    source = Path(__file__).read_text()
+    assert len(block) == 7 and all(line in source for line in block), block
