@@ -94,6 +94,8 @@ probe_options = _stack([
                  help="Probe steps buffered before each append to the store."),
     click.option("--probe-flush-seconds", type=float, default=60.0, show_default=True,
                  help="Append sooner once this many seconds have passed since the last append."),
+    click.option("--probe-live", default="", help="Live dashboards while the run goes: tensorboard, wandb, or "
+                 "both comma-separated (off by default; the store stays the record)."),
 ])
 
 
@@ -133,7 +135,8 @@ def build_spec(opts: dict[str, Any]):
     if opts["probes"]:
         probes = ProbeConfig(every=opts["probe_every"], early=opts["probe_early"], batch_size=opts["probe_batch"],
                              dtype=opts["probe_dtype"], lin_batch_size=opts["probe_lin_batch"],
-                             flush_every=opts["probe_flush"], flush_seconds=opts["probe_flush_seconds"])
+                             flush_every=opts["probe_flush"], flush_seconds=opts["probe_flush_seconds"],
+                             live=opts.get("probe_live", ""))
     return RunSpec(param=param, model=model, data=data, train=train), probes
 
 

@@ -176,7 +176,7 @@ def audit(
     result = ModelAudit(p, inferred, rows=[], unaudited=sorted(n for n, r in roles.items() if r not in
                                                               {x.value for x in Role}))
     for role in Role:
-        members = [n for n, r in roles.items() if r == role.value]
+        members = [n for n, r in roles.items() if r == role.value and n in group_of]  # frozen ones: no group
         if not members:
             continue
         rule = p.rule(role)

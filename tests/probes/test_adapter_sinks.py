@@ -67,3 +67,18 @@ def test_sinks_are_off_by_default_and_a_bad_name_is_one_line(tmp_path):
     assert out.stdout.strip() == "[]", out.stderr
     with pytest.raises(ValueError, match="live='tensorbored' is not a sink; allowed: tensorboard, wandb"):
         run(tmp_path, "tensorbored")
+
+
+def test_the_toolkits_own_runs_turn_sinks_on_with_one_option(tmp_path):
+    pytest.importorskip("tensorboard")
+    from probes.recorder import ProbeConfig, ProbeRecorder
+    from tests.probes.conftest import tiny_spec
+    from trainer.errors import ConfigError
+    from trainer.loop import Trainer
+
+    spec = tiny_spec(steps=4)
+    recorder = ProbeRecorder(ProbeConfig(every=2, live="tensorboard"), tmp_path, spec)
+    Trainer(spec, tmp_path, observers=[recorder], quiet=True).run()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    with pytest.raises(ConfigError, match="probe live='tb' is not a sink"):
+        ProbeConfig(live="tensorboard,tb")
