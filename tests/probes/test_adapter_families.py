@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the adapter tests need the optional 'hf' extra")
 
 from analyses.load import open_run  # noqa: E402
+from analyses.profile import feature_update_tables  # noqa: E402
 from probes.adapters import adapter_for  # noqa: E402
 from probes.decoder import DecoderAdapter, DecoderSpec  # noqa: E402
 from probes.hooks import capture, count_hooks  # noqa: E402
@@ -248,6 +249,7 @@ def test_probes_leave_training_unchanged_and_analyses_read_the_store(family, tmp
     mid = ds.act_rms.sel(site="resid_mid").values
     if family in PARALLEL:
         assert torch.isnan(torch.from_numpy(mid)).all()
+        assert "resid_mid" not in feature_update_tables(ds)  # the analyses leave the absent site out
     else:
         assert (mid > 0).all()
     assert (ds.branch_to_stream.values > 0).all()
