@@ -50,7 +50,9 @@ def probe_attention_forward(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     logits = torch.matmul(query, key.transpose(2, 3)) * scale
     if attention_mask is not None:
-        logits = logits + attention_mask[..., : key.shape[-2]]
+        mask = attention_mask[..., : key.shape[-2]]
+        # additive float mask (what eager_mask builds), or a boolean one (True = attend) passed by a caller
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
     probs = logits.softmax(dim=-1)  # in the query's dtype: float64 stays float64
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
