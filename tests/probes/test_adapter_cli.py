@@ -42,6 +42,8 @@ def saved(tmp_path_factory) -> tuple[Path, Path, Path]:
     model.save_pretrained(root / "llama")
     torch.save(torch.optim.AdamW(model.named_parameters(), lr=1e-3, eps=1e-8).state_dict(), root / "named.pt")
     torch.save(torch.optim.AdamW(model.parameters(), lr=1e-3).state_dict(), root / "unnamed.pt")
+    torch.save(torch.optim.AdamW(model.model.layers.named_parameters(prefix="model.layers")).state_dict(),
+               root / "partial.pt")
     return root / "llama", root / "named.pt", root / "unnamed.pt"
 
 
@@ -80,3 +82,5 @@ def test_bad_input_is_one_line(saved, tmp_path):
                            intermediate_size=64).save_pretrained(tmp_path / "vit")
     assert "not a causal language model" in one_line_failure(["roles", str(tmp_path / "vit")])
     assert "no param_names" in one_line_failure(["audit-model", str(model_dir), "--optimizer", str(unnamed)])
+    line = one_line_failure(["audit-model", str(model_dir), "--optimizer", str(unnamed.parent / "partial.pt")])
+    assert "optimizer groups do not cover the model exactly once: missing ['model.embed_tokens.weight'" in line
