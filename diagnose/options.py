@@ -75,6 +75,9 @@ def _run_option_list(lists: bool) -> list[Callable]:
         click.option("--token-dtype", type=click.Choice(["", "uint16", "uint32"]), default="",
                      help="Token file dtype."),
         click.option("--vocab-size", type=int, default=256, show_default=True, help="Vocabulary (256 for bytes)."),
+        click.option("--ablate", default="", show_default=False,
+                     help="DEBUG: break Table 1 on purpose (comma-separated: no-depth-lr, no-branch-multiplier, "
+                          "global-eps, sp-init), to see `diagnose conform` catch it."),
     ]
 
 
@@ -102,6 +105,11 @@ probe_options = _stack([
                  help="Append sooner once this many seconds have passed since the last append."),
     click.option("--probe-live", default="", help="Live dashboards while the run goes: tensorboard, wandb, or "
                  "both comma-separated (off by default; the store stays the record)."),
+    click.option("--probe-linearized", type=click.IntRange(min=0), default=4, show_default=True,
+                 help="Log-spaced steps (ending at the last) at which the block-linearized model's loss is "
+                      "measured (0: off)."),
+    click.option("--probe-feature-batch", type=click.IntRange(min=0), default=2, show_default=True,
+                 help="Sequences of the probe batch used for the feature change since init (0: all)."),
 ])
 
 
@@ -124,7 +132,7 @@ def build_spec(opts: dict[str, Any]):
         name=name, alpha=alpha, width=opts["width"], depth=opts["depth"], base_width=opts["base_width"],
         base_depth=opts["base_depth"], sigma_base=opts["sigma"], lr_base=opts["lr"], wd_base=opts["wd"],
         eps_base=opts["eps"], d_head=opts["head_size"], eps_scope=opts["eps_scope"],
-        mup_variant=opts["mup_variant"], attn_scale=opts["attn_scale"],
+        mup_variant=opts["mup_variant"], attn_scale=opts["attn_scale"], ablate=opts.get("ablate", ""),
     )
     model = ModelConfig(seq_len=opts["seq_len"], vocab_size=opts["vocab_size"], tie_embeddings=opts["tie_embeddings"])
     data = DataConfig(source=opts["data"], token_dtype=opts["token_dtype"], vocab_size=opts["vocab_size"])
@@ -142,7 +150,9 @@ def build_spec(opts: dict[str, Any]):
         probes = ProbeConfig(every=opts["probe_every"], early=opts["probe_early"], batch_size=opts["probe_batch"],
                              dtype=opts["probe_dtype"], lin_batch_size=opts["probe_lin_batch"],
                              flush_every=opts["probe_flush"], flush_seconds=opts["probe_flush_seconds"],
-                             live=opts.get("probe_live", ""))
+                             live=opts.get("probe_live", ""),
+                             linearized=opts.get("probe_linearized", 4),
+                             feature_batch_size=opts.get("probe_feature_batch", 2))
     return RunSpec(param=param, model=model, data=data, train=train), probes
 
 

@@ -119,7 +119,12 @@ def _record(value: Any) -> Any:
 class DecoderAdapter(ModelAdapter):
     """A pre-norm decoder described by a `DecoderSpec` (Hugging Face or any nn.Module returning logits)."""
 
-    def __init__(self, model: nn.Module, spec: DecoderSpec):
+    def __init__(self, model: nn.Module, spec: DecoderSpec | None = None):
+        """`spec`: None for a family `probes.families` knows (looked up by `config.model_type`)."""
+        if spec is None:
+            from probes.families import spec_for
+
+            spec = spec_for(model)
         self.model, self.spec = model, spec
         blocks = resolve(model, spec.blocks, "blocks")
         if not isinstance(blocks, nn.ModuleList | nn.Sequential) or len(blocks) == 0:

@@ -48,5 +48,5 @@ def spec_for(model: nn.Module) -> DecoderSpec:
 class HFGPT2Adapter(DecoderAdapter):
     """A Hugging Face `GPT2LMHeadModel` (kept under its old name; `adapter_for` picks it by itself)."""
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model, FAMILIES["gpt2"])
+    def __init__(self, model: nn.Module, spec: DecoderSpec | None = None):
+        super().__init__(model, spec or FAMILIES["gpt2"])

@@ -36,6 +36,7 @@ from probes.store import RecordStore
 
 # Defaults shared with `ProbeConfig` (the recorder's settings). Why these values: ProbeConfig's comments.
 LIN_BATCH_SIZE = 1  # probe sequences the linearization error is evaluated on
+FEATURE_BATCH_SIZE = 2  # probe sequences the feature change since θ_0 is evaluated on
 FLUSH_EVERY = 32  # probe steps per store append ...
 FLUSH_SECONDS = 60.0  # ... or fewer, once this long has passed since the last append
 
@@ -81,6 +82,7 @@ class ProbeLog:
         groups: list[str] | None = None,
         dtype: torch.dtype | None = None,
         lin_batch_size: int | None = LIN_BATCH_SIZE,
+        feature_batch_size: int | None = FEATURE_BATCH_SIZE,
         flush_every: int = FLUSH_EVERY,
         flush_seconds: float = FLUSH_SECONDS,
         append: bool = False,
@@ -94,12 +96,14 @@ class ProbeLog:
         optimizer passed to `update`, else "all"); `dtype`: linearization precision (None: float64
         on every device; float32 records values below its measured round-off floor as NaN, flagged in
         `lin_below_floor`: probes/linearization.py); `lin_batch_size`: probe sequences for the linearization error
-        (None: all); `append`: continue an existing store (a resumed run) instead of refusing it;
-        `live`: also write per-layer summaries as they are measured to "tensorboard" and/or "wandb"
-        (probes.sinks; off by default, the store stays the record)."""
+        (None: all); `feature_batch_size`: the same for the feature change since θ_0; `append`:
+        continue an existing store (a resumed run) instead of refusing it; `live`: also write per-layer
+        summaries as they are measured to "tensorboard" and/or "wandb" (probes.sinks; off by default,
+        the store stays the record)."""
         if dtype is None:  # float64 on CUDA too: float32 round-off swamps ‖nl‖ at small LR factors
             dtype = torch.float64
-        self.session = ProbeSession(adapter, probe_batch, dtype, lin_batch_size=lin_batch_size)
+        self.session = ProbeSession(adapter, probe_batch, dtype, lin_batch_size=lin_batch_size,
+                                    feature_batch_size=feature_batch_size)
         self.path = Path(run_dir) / STORE_NAME
         if self.path.exists() and not append:
             raise FileExistsError(f"{self.path} already holds probe records; use another directory, remove it, "

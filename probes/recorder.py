@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from probes.adapters import GPTAdapter
-from probes.probe_log import FLUSH_EVERY, FLUSH_SECONDS, LIN_BATCH_SIZE, ProbeLog, group_names
+from probes.probe_log import FEATURE_BATCH_SIZE, FLUSH_EVERY, FLUSH_SECONDS, LIN_BATCH_SIZE, ProbeLog, group_names
 from probes.schema import STORE_NAME
 from probes.session import ProbeSession
 from probes.store import RecordStore
@@ -48,6 +48,13 @@ class ProbeConfig:
     flush_every: int = FLUSH_EVERY  # probe steps buffered before each append to the store ...
     flush_seconds: float = FLUSH_SECONDS  # ... or fewer, once this long has passed since the last append
     seed: int = 0  # which held-out windows form the probe batch
+    # Steps (log-spaced, ending at the last) at which the block-linearized model is evaluated
+    # (probes.linearized_model; float64 on a CPU, its own store); 0 = off.
+    linearized: int = 4
+    # Sequences of the probe batch (the first ones) for the feature change since θ_0
+    # (probes.feature_change); 0 = all. Two keep its cost near a fifth of a training step at k = 10
+    # (benchmarks/RESULTS.md, "Laziness measures: cost").
+    feature_batch_size: int = FEATURE_BATCH_SIZE
     live: str = ""  # live dashboards (probes.sinks): "tensorboard", "wandb" or both, comma-separated; "" = off
 
     def __post_init__(self) -> None:
@@ -117,7 +124,8 @@ class ProbeRecorder(Observer):
             GPTAdapter(trainer.eager_model), batch, self.run_dir, steps=self.steps, attrs=attrs,
             groups=group_names(trainer.optimizer),
             dtype=None if self.config.dtype == "auto" else getattr(torch, self.config.dtype),  # None: float64
-            lin_batch_size=self.config.lin_batch_size or None, flush_every=self.config.flush_every,
+            lin_batch_size=self.config.lin_batch_size or None,
+            feature_batch_size=self.config.feature_batch_size or None, flush_every=self.config.flush_every,
             flush_seconds=self.config.flush_seconds, append=True,  # a resumed run continues its store
             live=self.config.sinks or None,
         )

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from probes.adapters import ModelAdapter
+from probes.feature_change import FeatureChange
 from probes.hooks import capture
 from probes.linearization import LinearizationResult, branch_linearization
 from probes.schema import BRANCHES, SITES
@@ -27,9 +28,10 @@ class ProbeSession:
     """Holds the probe batch and the reference activations (step 0 and the previous probe step)."""
 
     def __init__(self, adapter: ModelAdapter, probe_batch: torch.Tensor, dtype: torch.dtype = torch.float64,
-                 lin_batch_size: int | None = None):
+                 lin_batch_size: int | None = None, feature_batch_size: int | None = None):
         """`lin_batch_size`: evaluate the linearization error on the first that many sequences of the
-        probe batch only (None: all); every other statistic uses the whole batch."""
+        probe batch only (None: all); `feature_batch_size`: the same for the feature change since
+        θ_0 (probes.feature_change); every other statistic uses the whole batch."""
         if lin_batch_size is not None and lin_batch_size <= 0:
             raise ValueError(f"lin_batch_size={lin_batch_size} must be positive (or None for the whole batch)")
         self.adapter, self.batch, self.dtype = adapter, probe_batch, dtype
@@ -41,6 +43,7 @@ class ProbeSession:
         self._global_names = {id(p): n for n, p in adapter.model.named_parameters()}
         self._branches: list[tuple[tuple[int, str], torch.nn.Module, str, dict[str, str]]] | None = None
         self._pending: dict[str, Any] | None = None
+        self.features = FeatureChange(adapter, feature_batch_size)  # keeps θ_0 of the blocks
 
     def before_update(self, step: int) -> None:
         """Measure at θ_t: activations, the stream gradients and a snapshot of θ_t."""
@@ -85,6 +88,9 @@ class ProbeSession:
         table = [[lin[(layer, b)] for b in BRANCHES] for layer in range(self.adapter.depth)]
         values["nonlin_floor"] = torch.stack([torch.stack([r.nonlin_floor for r in row]) for row in table]).float()
         values["lin_below_floor"] = torch.stack([torch.stack([r.below_floor for r in row]) for row in table]).float()
+        if self.features.theta0 is None:  # the first probe step's θ_t is the reference θ_0
+            self.features.set_reference(pending["before"])
+        values.update({k: v.float() for k, v in self.features.measure(acts, pending["before"]).items()})
         for name, stat in USER_STATISTICS.items():
             values[name] = stat.fn(ctx)
         self.prev = acts
@@ -140,7 +146,7 @@ class ProbeSession:
         """References for resume: {"ref0": [...], "prev": [...]} as lists of tensors in site order."""
         keys = sorted(self.adapter.sites())
         pack = lambda d: None if d is None else [d[k].cpu() for k in keys]  # noqa: E731
-        return {"ref0": pack(self.ref0), "prev": pack(self.prev)}
+        return {"ref0": pack(self.ref0), "prev": pack(self.prev), "theta0": self.features.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         keys = sorted(self.adapter.sites())
@@ -148,3 +154,4 @@ class ProbeSession:
         unpack = lambda v: None if v is None else {k: t.to(device) for k, t in zip(keys, v)}  # noqa: E731
         self.ref0, self.prev = unpack(state.get("ref0")), unpack(state.get("prev"))
         self.ref0, self.prev = (None if d is None else self._fill_absent(d) for d in (self.ref0, self.prev))
+        self.features.load_state_dict(state.get("theta0"), device)

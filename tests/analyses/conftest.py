@@ -133,7 +133,18 @@ def probe_dataset(spec: SynthRun) -> xr.Dataset:
         "nonlin_floor": v("nonlin_floor", np.full((S, L, 2), np.nan)),  # float64 runs: floor not measured
         "lin_below_floor": v("lin_below_floor", np.zeros((S, L, 2))),
     }
-    assert set(data) == set(schema.VARIABLES), "builder out of date with probes.schema"
+    # Feature change since θ_0 (first order, like lin_ratio) and 1 − CKA (second order); no rng draws,
+    # so the values above stay what they were.
+    since = np.where(steps >= 1, 1.0, np.nan)[:, None, None] * np.ones((S, L, 2))
+    feature = 0.1 * (spec.depth / 2) ** spec.slope * run_factor * since
+    data.update({
+        "feature_change": v("feature_change", feature),
+        "feature_cka": v("feature_cka", 1 - feature**2),
+        "attn_pattern_change": v("attn_pattern_change", feature[:, :, 0]),
+    })
+    # The block-linearized model's variables live in their own store (linearized.zarr), not here.
+    expected = set(schema.VARIABLES) - set(schema.LINEARIZED_VARIABLES)
+    assert set(data) == expected, "builder out of date with probes.schema"
     if spec.variables is not None:
         # A subset keeps only the coordinates its variables use: each coordinate is one more array to
         # write and read, and the tests that write subsets run many small stores.
