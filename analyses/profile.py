@@ -63,8 +63,13 @@ def layer_step_table(ds: xr.Dataset, variable: str = "delta0_rms", component: st
 def feature_update_tables(
     ds: xr.Dataset, sites: tuple[str, ...] = ("attn_add", "mlp_add", *STREAM_SITES), variable: str = "delta0_rms"
 ) -> dict[str, pd.DataFrame]:
-    """`layer_step_table` for each site: what each branch adds (`*_add`) and the stream (`resid_*`)."""
-    return {site: layer_step_table(ds, variable, site) for site in sites}
+    """`layer_step_table` for each site: what each branch adds (`*_add`) and the stream (`resid_*`).
+
+    A site the model does not have is left out: `resid_mid` of a parallel-residual model (GPT-NeoX),
+    whose records are all NaN.
+    """
+    tables = {site: layer_step_table(ds, variable, site) for site in sites}
+    return {site: table for site, table in tables.items() if table.notna().to_numpy().any()}
 
 
 def learning_shares(ds: xr.Dataset, step: int | None = None) -> pd.DataFrame:

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from diagnose.commands_analysis import check, compare, report
+from diagnose.commands_models import audit_model, roles
 from diagnose.options import build_spec, probe_options, run_name, run_options
 from diagnose.sweep import sweep
 
@@ -188,6 +189,8 @@ main.add_command(compare)
 main.add_command(check)
 
 main.add_command(sweep)
+main.add_command(roles)
+main.add_command(audit_model)
 
 from diagnose.conform import conform, linearize  # noqa: E402  (appended: conformance and the linearized model)
 

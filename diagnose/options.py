@@ -106,6 +106,8 @@ probe_options = _stack([
                  help="Probe steps buffered before each append to the store."),
     click.option("--probe-flush-seconds", type=float, default=60.0, show_default=True,
                  help="Append sooner once this many seconds have passed since the last append."),
+    click.option("--probe-live", default="", help="Live dashboards while the run goes: tensorboard, wandb, or "
+                 "both comma-separated (off by default; the store stays the record)."),
     click.option("--probe-linearized", type=click.IntRange(min=0), default=4, show_default=True,
                  help="Log-spaced steps (ending at the last) at which the block-linearized model's loss is "
                       "measured (0: off)."),
@@ -152,6 +154,7 @@ def build_spec(opts: dict[str, Any]):
         probes = ProbeConfig(every=opts["probe_every"], early=opts["probe_early"], batch_size=opts["probe_batch"],
                              dtype=opts["probe_dtype"], lin_batch_size=opts["probe_lin_batch"],
                              flush_every=opts["probe_flush"], flush_seconds=opts["probe_flush_seconds"],
+                             live=opts.get("probe_live", ""),
                              linearized=opts.get("probe_linearized", 4),
                              feature_batch_size=opts.get("probe_feature_batch", 2))
     return RunSpec(param=param, model=model, data=data, train=train), probes

@@ -6,22 +6,27 @@ The probes never touch a model directly; they ask an adapter for
 - `branch(layer, name)`: a module F with F(h) = the raw branch output, callable as a pure function of
   its own parameters, and the site that is its input h;
 - `loss(batch)`: the next-token loss of a (b, t+1) token batch;
-- `parameter_roles()` and `layer_of(name)`: for the per-role update statistics.
-To probe another architecture, subclass `ModelAdapter` and fill these in (see `HFGPT2Adapter`).
+- `parameter_roles()` and `layer_of(name)`: for the per-role update statistics;
+- `internal_sites(layer)`: where a block's internal features are read ("mlp_hidden", "attn_mix").
+Hugging Face decoders (GPT-2, Llama, Mistral, Qwen, GPT-NeoX) need no code: `adapter_for(model)` finds
+their `DecoderSpec` (probes.families); another pre-norm decoder takes a spec of about ten lines
+(probes.decoder). Only a model that is not a pre-norm decoder needs a `ModelAdapter` subclass.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from probes.hooks import SiteSpec
 from probes.schema import EMBED_SITE, FINAL_SITE, SITES
+
+if TYPE_CHECKING:
+    from probes.decoder import DecoderSpec
 
 
 class ModelAdapter:
@@ -61,6 +66,10 @@ class ModelAdapter:
         """A context in which forward-mode AD works through the branches (no fused attention)."""
         return contextlib.nullcontext()
 
+    def probing(self) -> contextlib.AbstractContextManager:
+        """A context for the probe forward, in which an adapter may record what its branches need."""
+        return contextlib.nullcontext()
+
 
 class GPTAdapter(ModelAdapter):
     """Our GPT (trainer.model.GPT): hook points and branch modules are named in the model."""
@@ -94,86 +103,23 @@ class GPTAdapter(ModelAdapter):
         return self.model.attention_backend("math")
 
 
-class _Chain(nn.Module):
-    """f(g(x)) for two existing modules, sharing their parameters (for branches made of parts)."""
+def adapter_for(model: nn.Module, spec: DecoderSpec | None = None) -> ModelAdapter:
+    """The adapter for `model`: our GPT, a known Hugging Face decoder family (probes.families), or any
+    pre-norm decoder described by `spec`. An unknown model gets a LookupError saying what to write."""
+    from probes.decoder import DecoderAdapter
+    from probes.families import spec_for
 
-    def __init__(self, first: nn.Module, second: nn.Module):
-        super().__init__()
-        self.first, self.second = first, second
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.second(self.first(x))
-        return y[0] if isinstance(y, tuple) else y
-
-
-class HFGPT2Adapter(ModelAdapter):
-    """A Hugging Face `GPT2LMHeadModel` (e.g. built from a `GPT2Config`, no download needed).
-
-    GPT-2 adds its branches with multiplier 1, so `*_add` equals `*_out`. The attention branch is
-    `attn(ln_1(x))`; it is differentiated forward-mode with the eager attention implementation.
-    """
-
-    block_pattern = r"transformer\.h\.(\d+)\."
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.blocks = model.transformer.h
-        self.depth = len(self.blocks)
-        self._attn_branches = [_Chain(b.ln_1, b.attn) for b in self.blocks]
-        self._mlp_branches = [_Chain(b.ln_2, b.mlp) for b in self.blocks]
-
-    def sites(self) -> dict[tuple[int, str], SiteSpec]:
-        t = self.model.transformer
-        out = {(-1, EMBED_SITE): SiteSpec(self.blocks[0], "input"), (-1, FINAL_SITE): SiteSpec(t.ln_f, "input")}
-        for layer, b in enumerate(self.blocks):
-            out[(layer, "resid_pre")] = SiteSpec(b, "input")
-            out[(layer, "attn_out")] = out[(layer, "attn_add")] = SiteSpec(b.attn, "output")
-            out[(layer, "resid_mid")] = SiteSpec(b.ln_2, "input")
-            out[(layer, "mlp_out")] = out[(layer, "mlp_add")] = SiteSpec(b.mlp, "output")
-            out[(layer, "resid_post")] = SiteSpec(b, "output")
-        return out
-
-    def branch(self, layer: int, name: str) -> tuple[nn.Module, str]:
-        if name == "attn":
-            return self._attn_branches[layer], "resid_pre"
-        return self._mlp_branches[layer], "resid_mid"
-
-    def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        logits = self.model(batch[:, :-1]).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-
-    def parameter_roles(self) -> dict[str, str]:
-        roles = {}
-        for name, _ in self.model.named_parameters():
-            if name.endswith("wte.weight"):
-                roles[name] = "embedding"
-            elif name.endswith("wpe.weight"):
-                roles[name] = "position_embedding"
-            elif name.startswith("transformer.ln_f"):
-                roles[name] = "final_norm"
-            elif name.startswith("lm_head"):
-                roles[name] = "unembedding"
-            elif ".ln_" in name:
-                roles[name] = "block_norm"
-            else:
-                roles[name] = "hidden_bias" if name.endswith(".bias") else "hidden_weight"
-        return roles
-
-    @contextlib.contextmanager
-    def linearizable(self) -> Iterator[None]:
-        config = self.model.config
-        previous = getattr(config, "_attn_implementation", None)
-        config._attn_implementation = "eager"
-        try:
-            yield
-        finally:
-            config._attn_implementation = previous
-
-
-def adapter_for(model: nn.Module) -> ModelAdapter:
-    """Pick the adapter for a known model class."""
+    if spec is not None:
+        return DecoderAdapter(model, spec)
     if hasattr(model, "blocks") and hasattr(model, "embed_hook"):
         return GPTAdapter(model)
-    if type(model).__name__ == "GPT2LMHeadModel":
-        return HFGPT2Adapter(model)
-    raise TypeError(f"no probe adapter for {type(model).__name__}; subclass probes.adapters.ModelAdapter")
+    return DecoderAdapter(model, spec_for(model))
+
+
+def __getattr__(name: str):
+    # The Hugging Face adapters live in probes.decoder / probes.families; keep the old imports working.
+    if name in ("HFGPT2Adapter", "DecoderAdapter", "DecoderSpec"):
+        import probes.families
+
+        return getattr(probes.families, name)
+    raise AttributeError(f"module 'probes.adapters' has no attribute {name!r}")

@@ -25,6 +25,12 @@ def _first_tensor(value) -> torch.Tensor:
     return value[0] if isinstance(value, tuple | list) else value
 
 
+def _input_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    # A module's input is its first positional argument, or `hidden_states` when passed by keyword
+    # (as Hugging Face decoder layers pass it to their attention modules).
+    return args[0] if args else kwargs["hidden_states"]
+
+
 @contextlib.contextmanager
 def capture(sites: Mapping[object, SiteSpec]) -> Iterator[dict[object, torch.Tensor]]:
     """Record the tensor at each site during the forward passes run inside the block.
@@ -37,10 +43,10 @@ def capture(sites: Mapping[object, SiteSpec]) -> Iterator[dict[object, torch.Ten
     try:
         for key, spec in sites.items():
             if spec.where == "input":
-                def pre_hook(module, args, key=key):
-                    store[key] = _first_tensor(args)
+                def pre_hook(module, args, kwargs, key=key):
+                    store[key] = _input_tensor(args, kwargs)
 
-                handles.append(spec.module.register_forward_pre_hook(pre_hook))
+                handles.append(spec.module.register_forward_pre_hook(pre_hook, with_kwargs=True))
             else:
                 def hook(module, args, output, key=key):
                     store[key] = _first_tensor(output)

@@ -23,10 +23,10 @@ at all). `linearized_blocks_share` takes the blocks' own contribution as referen
 
 Evaluated in float64 on the CPU, on a copy of the model (the training model is never touched).
 Works through any adapter whose `sites()` give each branch's raw output (`attn_out`, `mlp_out`) and
-input, and whose constructor takes the model (`type(adapter)(model)`): forward hooks replace each
-raw branch output by F^lin of the branch input seen in the same forward. (Through today's
-HFGPT2Adapter the replayed attention lacks the causal mask the model passes as a keyword, so the
-surrogate differs from the model there: tests/probes/test_linearized_model_hf.py, a strict xfail.)
+input, and whose constructor takes the model (`type(adapter)(model)`, plus its `spec` for a
+DecoderAdapter): forward hooks replace each raw branch output by F^lin of the branch input seen in the
+same forward. Hugging Face branches replay the arguments (causal mask, rotary cos/sin) that the
+attention receives in that same forward (`adapter.probing()`; tests/probes/test_linearized_model_hf.py).
 
 `LinearizedModelRecorder` runs it inside training at its own cadence (default: a few log-spaced steps
 and the last); `linearize_checkpoint` does it offline on a run dir's checkpoint, rebuilding θ_0 from
@@ -79,7 +79,8 @@ class BlockLinearizedModel:
         """`adapter`: wraps the model at θ_t (not modified: it is copied); `theta0`: model parameter
         name → θ_0 for (at least) every branch parameter."""
         model = copy.deepcopy(adapter.model).to("cpu", torch.float64).eval()
-        self.adapter = type(adapter)(model)
+        spec = getattr(adapter, "spec", None)  # a DecoderAdapter's family description
+        self.adapter = type(adapter)(model) if spec is None else type(adapter)(model, spec)
         self.depth = self.adapter.depth
         names = {id(p): n for n, p in model.named_parameters()}
         self.branches: dict[tuple[int, str], tuple[nn.Module, str, dict[str, str]]] = {}
@@ -131,7 +132,8 @@ class BlockLinearizedModel:
                     if spec.where != "output":
                         raise ValueError(f"site ({layer}, {name}_out) must be a module output to be replaced")
                     handles.append(spec.module.register_forward_hook(self._replacer((layer, name), frozen)))
-            with torch.no_grad(), self.adapter.linearizable(), capture(watch) as seen:
+            # probing(): an adapter that replays its branches records their arguments in this forward
+            with torch.no_grad(), self.adapter.linearizable(), self.adapter.probing(), capture(watch) as seen:
                 self._inputs = seen  # the stream each branch receives in this (surrogate) forward
                 loss = self.adapter.loss(batch.to("cpu")).double()
         finally:

@@ -92,6 +92,7 @@ class ProbeLog:
         flush_seconds: float = FLUSH_SECONDS,
         append: bool = False,
         write: bool | None = None,
+        live: str | Iterable[str] | None = None,
     ):
         """`steps`: the probe steps (None: every step `update` is called with); `attrs`: stored on the
         records (`param`, `alpha`, `width`, `depth`, `lr`, `seed`, `label`, as `analyses` reads them;
@@ -103,7 +104,9 @@ class ProbeLog:
         `lin_below_floor`: probes/linearization.py); `lin_batch_size`: probe sequences for the linearization error
         (None: all); `feature_batch_size`: the same for the feature change since θ_0; `append`:
         continue an existing store (a resumed run) instead of refusing it; `write`: whether this process
-        records (None: rank 0 of torch.distributed, or no process group)."""
+        records (None: rank 0 of torch.distributed, or no process group); `live`: also write per-layer
+        summaries as they are measured to "tensorboard" and/or "wandb" (probes.sinks; off by default,
+        the store stays the record)."""
         if dtype is None:  # float64 on CUDA too: float32 round-off swamps ‖nl‖ at small LR factors
             dtype = torch.float64
         self.session = ProbeSession(adapter, probe_batch, dtype, lin_batch_size=lin_batch_size,
@@ -123,6 +126,11 @@ class ProbeLog:
         self._buffer: list[tuple[int, dict[str, np.ndarray]]] = []
         self._store: RecordStore | None = None
         self._last_flush = time.monotonic()
+        self.sinks: list = []
+        if live and self.write:  # imported only when asked for, and so are the sink libraries
+            from probes.sinks import open_sinks
+
+            self.sinks = open_sinks(live, Path(run_dir), self.attrs)
 
     def wants(self, step: int) -> bool:
         return self.steps is None or step in self.steps
@@ -182,6 +190,12 @@ class ProbeLog:
             offset += size
         row.update(host)
         self._buffer.append((step, row))
+        if self.sinks:
+            from probes.sinks import summary_scalars
+
+            scalars = summary_scalars(row)
+            for sink in self.sinks:
+                sink.write(step, scalars)
         if len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
@@ -200,7 +214,12 @@ class ProbeLog:
             steps, rows = zip(*self._buffer)
             self._open_store().append(list(steps), list(rows))
             self._buffer.clear()
+        for sink in self.sinks:
+            sink.flush()
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
         self.flush()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []

@@ -57,6 +57,7 @@ class ProbeConfig:
     # (probes.feature_change); 0 = all. Two keep its cost near a fifth of a training step at k = 10
     # (benchmarks/RESULTS.md, "Laziness measures: cost").
     feature_batch_size: int = FEATURE_BATCH_SIZE
+    live: str = ""  # live dashboards (probes.sinks): "tensorboard", "wandb" or both, comma-separated; "" = off
 
     def __post_init__(self) -> None:
         for name in ("every", "batch_size", "flush_every"):
@@ -70,6 +71,16 @@ class ProbeConfig:
             raise ConfigError(f"probe flush_seconds={self.flush_seconds!r} must be positive")
         if self.dtype not in PROBE_DTYPES:
             raise ConfigError(f"probe dtype {self.dtype!r} is not one of {', '.join(PROBE_DTYPES)}")
+        if self.live:
+            from probes.sinks import SINKS  # light: the sink libraries are imported only when a sink opens
+
+            unknown = [n for n in self.sinks if n not in SINKS]
+            if unknown:
+                raise ConfigError(f"probe live={unknown[0]!r} is not a sink; allowed: {', '.join(SINKS)}")
+
+    @property
+    def sinks(self) -> list[str]:
+        return [n.strip() for n in self.live.split(",") if n.strip()]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,6 +130,7 @@ class ProbeRecorder(Observer):
             feature_batch_size=self.config.feature_batch_size or None, flush_every=self.config.flush_every,
             flush_seconds=self.config.flush_seconds, append=True,  # a resumed run continues its store
             write=trainer.is_main,
+            live=self.config.sinks or None,
         )
         if self._state:
             self.log.session.load_state_dict(self._state)
@@ -154,4 +166,5 @@ class ProbeRecorder(Observer):
             self.session.load_state_dict(state)
 
     def close(self) -> None:
-        self.flush()
+        if self.log is not None:
+            self.log.close()  # flushes, and closes any live sink

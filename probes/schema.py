@@ -30,6 +30,8 @@ SITES: tuple[str, ...] = (
     "resid_post",
 )
 STREAM_SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
+# In a parallel-residual block (GPT-NeoX: attention and MLP both read resid_pre) there is no resid_mid:
+# its records are NaN, both branches' input is resid_pre, and resid_post = resid_pre + attn_add + mlp_add.
 BRANCHES: tuple[str, ...] = ("attn", "mlp")
 # Parameter roles that live inside a block (per-layer records) and outside it (model-level records).
 BLOCK_ROLES: tuple[str, ...] = ("block_norm", "hidden_weight", "hidden_bias")

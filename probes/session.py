@@ -28,7 +28,7 @@ from probes.adapters import ModelAdapter
 from probes.feature_change import FeatureChange
 from probes.hooks import capture
 from probes.linearization import LinearizationResult, branch_linearization
-from probes.schema import BRANCHES
+from probes.schema import BRANCHES, SITES
 from probes.statistics import USER_STATISTICS, ProbeContext, builtin_statistics
 from trainer.distributed import full_parameters, my_share, probes_on_every_rank, sum_across_ranks
 
@@ -64,7 +64,7 @@ class ProbeSession:
         was_training = model.training
         model.eval()  # no dropout (and no RNG use) in a probe forward
         try:
-            with torch.enable_grad(), capture(self.adapter.sites()) as acts:
+            with torch.enable_grad(), capture(self.adapter.sites()) as acts, self.adapter.probing():
                 loss = self.adapter.loss(self.batch)
                 pre = [acts[(l, "resid_pre")] for l in range(self.adapter.depth)]
                 grads = torch.autograd.grad(loss, pre) if loss.requires_grad else [torch.zeros_like(p) for p in pre]
@@ -72,7 +72,7 @@ class ProbeSession:
             model.train(was_training)
         self._pending = {
             "step": step,
-            "acts": {k: v.detach().float().clone() for k, v in acts.items()},
+            "acts": self._fill_absent({k: v.detach().float().clone() for k, v in acts.items()}),
             "grads": [g.detach() for g in grads],
             "loss": loss.detach(),
             "before": {n: p.detach().clone() for n, p in model.named_parameters()},
@@ -93,6 +93,7 @@ class ProbeSession:
             step=step, depth=self.adapter.depth, acts=acts, ref0=self.ref0, prev=self.prev,
             grads=pending["grads"], probe_loss=pending["loss"], linearization=lin,
             params_before=pending["before"], params_after=after, roles=self.roles, layers=self.layers,
+            branch_inputs={name: self.adapter.branch(0, name)[1] for name in BRANCHES},
         )
         values = builtin_statistics(ctx)
         values["probe_loss"] = pending["loss"].float()
@@ -161,6 +162,15 @@ class ProbeSession:
                 table[i] = torch.stack([getattr(lin[key], n).to(table.dtype) for n in names])
         table = sum_across_ranks(table)
         return {key: LinearizationResult(*table[i].unbind()) for i, key in enumerate(keys)}
+    @staticmethod
+    def _fill_absent(acts: dict[tuple[int, str], torch.Tensor]) -> dict[tuple[int, str], torch.Tensor]:
+        """A site the model does not have (`resid_mid` of a parallel-residual block) reads as NaN."""
+        layers = {layer for layer, _ in acts if layer >= 0}
+        for layer in layers:
+            for site in SITES:
+                if (layer, site) not in acts:
+                    acts[(layer, site)] = torch.full_like(acts[(layer, "resid_pre")], float("nan"))
+        return acts
 
     def _local_names(self, branch: torch.nn.Module) -> dict[str, str]:
         """Branch-local parameter name → model parameter name (matched by identity, not by string)."""
@@ -177,4 +187,5 @@ class ProbeSession:
         device = self.batch.device
         unpack = lambda v: None if v is None else {k: t.to(device) for k, t in zip(keys, v)}  # noqa: E731
         self.ref0, self.prev = unpack(state.get("ref0")), unpack(state.get("prev"))
+        self.ref0, self.prev = (None if d is None else self._fill_absent(d) for d in (self.ref0, self.prev))
         self.features.load_state_dict(state.get("theta0"), device)

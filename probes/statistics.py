@@ -40,6 +40,8 @@ class ProbeContext:
     roles: dict[str, str]
     layers: dict[str, int | None]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the stream site each branch reads (a parallel-residual MLP reads resid_pre, not resid_mid)
+    branch_inputs: dict[str, str] = field(default_factory=lambda: {"attn": "resid_pre", "mlp": "resid_mid"})
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,7 @@ def builtin_statistics(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     out["lin_ratio"] = torch.stack([torch.stack([r.lin_ratio for r in row]) for row in lin]).float()
     out["nonlin_to_output"] = torch.stack([torch.stack([r.nonlin_to_output for r in row]) for row in lin]).float()
     out["branch_to_stream"] = torch.stack([
-        torch.stack([rms(acts[(l, "attn_add")]) / rms(acts[(l, "resid_pre")]),
-                     rms(acts[(l, "mlp_add")]) / rms(acts[(l, "resid_mid")])])
+        torch.stack([rms(acts[(l, f"{b}_add")]) / rms(acts[(l, ctx.branch_inputs[b])]) for b in BRANCHES])
         for l in range(L)
     ])
     out["stream_cosine"] = torch.stack([_cosine(acts[(l, "resid_pre")], acts[(l, "resid_post")]) for l in range(L)])

@@ -13,9 +13,6 @@ from probes.adapters import HFGPT2Adapter  # noqa: E402
 from probes.linearized_model import BlockLinearizedModel  # noqa: E402
 
 
-@pytest.mark.xfail(strict=True, reason="HFGPT2Adapter.branch calls the attention without the kwargs the model "
-                   "passes it (the eager path gets a causal attention_mask), so the replayed branch differs from the "
-                   "model's; the adapter rework replays the recorded args/kwargs (DESIGN.md), then this passes")
 def test_hf_surrogate_is_the_model_at_init_and_second_order_after():
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=2, n_head=2,
