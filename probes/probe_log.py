@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from probes.adapters import ModelAdapter
+from probes.health import health_coords
 from probes.schema import SCHEMA_VERSION, STORE_NAME, VARIABLES, coords_for
 from probes.session import ProbeSession
 from probes.statistics import USER_STATISTICS
@@ -142,7 +143,7 @@ class ProbeLog:
         if unknown:  # fail now, not at the next append
             raise KeyError(f"probe scalars {unknown} are not declared in probes.schema; known scalars include "
                            "train_loss, val_loss")
-        values = self.session.after_update(step)
+        values = self.session.after_update(step, optimizer)
         if optimizer is not None:
             if self.groups is None:
                 self.groups = group_names(optimizer)
@@ -176,6 +177,7 @@ class ProbeLog:
                 self.attrs["width"] = int(next(iter(self.session.ref0.values())).shape[-1])
             extra = {name: stat.dims for name, stat in USER_STATISTICS.items()}
             coords = coords_for(self.session.adapter.depth, self.groups or ["all"])
+            coords.update(health_coords(self.session.adapter))
             self._store = RecordStore(self.path, coords, self.attrs, extra)
         return self._store
 

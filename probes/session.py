@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from probes.adapters import ModelAdapter
+from probes.health import health_statistics
 from probes.hooks import capture
 from probes.linearization import LinearizationResult, branch_linearization
 from probes.schema import BRANCHES
@@ -41,6 +42,7 @@ class ProbeSession:
         self._global_names = {id(p): n for n, p in adapter.model.named_parameters()}
         self._branches: list[tuple[tuple[int, str], torch.nn.Module, str, dict[str, str]]] | None = None
         self._pending: dict[str, Any] | None = None
+        self.stat_state: dict[str, torch.Tensor] = {}  # statistics' memory between probe steps (warm starts)
 
     def before_update(self, step: int) -> None:
         """Measure at θ_t: activations, the stream gradients and a snapshot of θ_t."""
@@ -62,8 +64,10 @@ class ProbeSession:
             "before": {n: p.detach().clone() for n, p in model.named_parameters()},
         }
 
-    def after_update(self, step: int) -> dict[str, torch.Tensor]:
-        """Measure Δθ = θ_{t+1} − θ_t: linearization error and every statistic (device tensors)."""
+    def after_update(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, torch.Tensor]:
+        """Measure Δθ = θ_{t+1} − θ_t: linearization error and every statistic (device tensors).
+
+        `optimizer`: the one that made the update, for the Adam-state statistics (None: NaN)."""
         if self._pending is None or self._pending["step"] != step:
             raise RuntimeError(f"after_update({step}) without a matching before_update")
         pending, self._pending = self._pending, None
@@ -77,8 +81,10 @@ class ProbeSession:
             step=step, depth=self.adapter.depth, acts=acts, ref0=self.ref0, prev=self.prev,
             grads=pending["grads"], probe_loss=pending["loss"], linearization=lin,
             params_before=pending["before"], params_after=after, roles=self.roles, layers=self.layers,
+            adapter=self.adapter, optimizer=optimizer, batch=self.batch, state=self.stat_state,
         )
         values = builtin_statistics(ctx)
+        values.update(health_statistics(ctx))
         values["probe_loss"] = pending["loss"].float()
         for name, stat in USER_STATISTICS.items():
             values[name] = stat.fn(ctx)
@@ -124,10 +130,12 @@ class ProbeSession:
         """References for resume: {"ref0": [...], "prev": [...]} as lists of tensors in site order."""
         keys = sorted(self.adapter.sites())
         pack = lambda d: None if d is None else [d[k].cpu() for k in keys]  # noqa: E731
-        return {"ref0": pack(self.ref0), "prev": pack(self.prev)}
+        return {"ref0": pack(self.ref0), "prev": pack(self.prev),
+                "stat_state": {k: v.cpu() for k, v in self.stat_state.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         keys = sorted(self.adapter.sites())
         device = self.batch.device
         unpack = lambda v: None if v is None else {k: t.to(device) for k, t in zip(keys, v)}  # noqa: E731
         self.ref0, self.prev = unpack(state.get("ref0")), unpack(state.get("prev"))
+        self.stat_state = {k: v.to(device) for k, v in state.get("stat_state", {}).items()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -39,6 +40,12 @@ class ProbeContext:
     roles: dict[str, str]
     layers: dict[str, int | None]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    # For the training-health statistics (probes.health): the adapter, the optimizer whose state they
+    # read, the probe batch, and state a statistic keeps between probe steps (e.g. warm starts).
+    adapter: Any = None
+    optimizer: Any = None
+    batch: torch.Tensor | None = None
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
