@@ -81,21 +81,44 @@ def _math_attention(adapter) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _parameters_set_to(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The model's parameters temporarily hold `values` (bitwise restored on exit)."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in values}
+    try:
+        with torch.no_grad():
+            for n, v in values.items():
+                params[n].copy_(v)
+        yield
+    finally:
+        with torch.no_grad():
+            for n, v in saved.items():
+                params[n].copy_(v)
+
+
 @torch.no_grad()
-def attention_statistics(adapter, acts: dict, batch: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """attn_max_logit, attn_entropy, attn_entropy_norm: (layer, head) tensors on the device."""
+def attention_statistics(adapter, acts: dict, batch: torch.Tensor | None,
+                         params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """attn_max_logit, attn_entropy, attn_entropy_norm: (layer, head) tensors on the device.
+
+    Measured at the parameters `params` (θ_t, where `acts` were captured): each attention branch is
+    replayed as a pure function of them on its captured input.
+    """
     per_layer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
     branches = [adapter.branch(layer, "attn") for layer in range(adapter.depth)]
     if all(attention_hook_sites(b) for b, _ in branches):
+        global_names = {id(p): n for n, p in adapter.model.named_parameters()}
         with _math_attention(adapter):
             for layer, (branch, input_site) in enumerate(branches):
+                local = {k: params[global_names[id(p)]] for k, p in branch.named_parameters()}
                 with capture(attention_hook_sites(branch)) as found:
-                    branch(acts[(layer, input_site)])
+                    torch.func.functional_call(branch, local, (acts[(layer, input_site)],))
                 per_layer.append(attention_reductions(found["attn_logits"]))
     elif batch is not None and hasattr(getattr(adapter.model, "config", None), "_attn_implementation"):
         from probes.hf_attention import recorded_attention
 
-        with recorded_attention(adapter.model) as records:
+        with _parameters_set_to(adapter.model, params), recorded_attention(adapter.model) as records:
             adapter.loss(batch)
         per_layer = [records.get(layer) for layer in range(adapter.depth)]
     device = next(iter(acts.values())).device
@@ -263,7 +286,7 @@ def health_statistics(ctx) -> dict[str, torch.Tensor]:
     adapter = ctx.adapter
     out = activation_statistics(ctx.acts, ctx.depth)
     if adapter is not None:
-        out.update(attention_statistics(adapter, ctx.acts, ctx.batch))
+        out.update(attention_statistics(adapter, ctx.acts, ctx.batch, ctx.params_before))
         out.update(adam_statistics(adapter.model, ctx.optimizer, ctx.roles, ctx.layers, ctx.depth))
         matrices = hidden_matrices(ctx.roles, adapter.block_pattern)
         out.update(spectral_statistics(ctx.params_before, ctx.params_after, matrices, ctx.depth, ctx.state))
