@@ -73,6 +73,10 @@ def _run_option_list(lists: bool) -> list[Callable]:
         click.option("--token-dtype", type=click.Choice(["", "uint16", "uint32"]), default="",
                      help="Token file dtype."),
         click.option("--vocab-size", type=int, default=256, show_default=True, help="Vocabulary (256 for bytes)."),
+        click.option("--keep-checkpoints-every", type=int, default=0, show_default=True,
+                     help="Also keep every K-th step's checkpoint (for `diagnose replay`; 0: only the latest)."),
+        click.option("--debug-lr-spike", default="", metavar="STEP:FACTOR",
+                     help="Debug/test hook: multiply the LR of update STEP by FACTOR (a loss spike on purpose)."),
     ]
 
 
@@ -127,6 +131,8 @@ def build_spec(opts: dict[str, Any]):
         eval_batch_size=opts["eval_batch_size"],
         checkpoint_every=opts["checkpoint_every"], log_every=opts["log_every"],
         seed=opts["seed"], device=opts["device"], dtype=opts["dtype"], compile=opts["compile_"],
+        keep_checkpoints_every=opts.get("keep_checkpoints_every", 0),
+        **_lr_spike(opts.get("debug_lr_spike", "")),
     )
     validate_train(train)
     probes = None
@@ -135,6 +141,19 @@ def build_spec(opts: dict[str, Any]):
                              dtype=opts["probe_dtype"], lin_batch_size=opts["probe_lin_batch"],
                              flush_every=opts["probe_flush"], flush_seconds=opts["probe_flush_seconds"])
     return RunSpec(param=param, model=model, data=data, train=train), probes
+
+
+def _lr_spike(text: str) -> dict[str, Any]:
+    """--debug-lr-spike STEP:FACTOR → the TrainConfig fields."""
+    from trainer.errors import ConfigError
+
+    if not text:
+        return {}
+    try:
+        step, factor = text.split(":")
+        return {"debug_lr_spike_step": int(step), "debug_lr_spike_factor": float(factor)}
+    except ValueError:
+        raise ConfigError(f"--debug-lr-spike {text!r} must be STEP:FACTOR, e.g. 40:30") from None
 
 
 def run_name(spec) -> str:

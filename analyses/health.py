@@ -1,0 +1,247 @@
+"""Training health from the probe records: attention-logit growth, ε-dominance, spikes, and the lead/lag
+of a replayed spike across layers and signals. Torch-free.
+
+Spike forensics (`spike_report`, on the dense records of `diagnose replay`): every signal of
+`SPIKE_SIGNALS` is a (layer × step) table; each (signal, layer) series gets a robust z-score on a log
+scale against its own baseline, the replayed steps up to `spike_step − guard`:
+
+    z_t = (log x_t − median_baseline(log x)) / max(1.4826 · MAD_baseline(log x), MIN_SCALE)
+
+Its *onset* is the first step after the baseline with |z| > threshold. Sorting (signal, layer) by
+onset, then by |z| at the onset, says which layers' and which signals' excursions came first. The
+guard (2) keeps the update that made the spiking loss (step S − 1 for a loss spike recorded at S)
+out of the baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from analyses.load import SWEEP_DIMS, list_runs, load_metrics, open_run
+
+# name → (variable, selection, dims reduced by max). Per-layer signals for the lead/lag analysis.
+SPIKE_SIGNALS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
+    "update_rel": ("update_rel", {"block_role": "hidden_weight"}, ()),
+    "update_spectral_rel": ("update_spectral_rel", {}, ("matrix",)),
+    "grad_rms": ("grad_rms", {}, ()),
+    "adam_m_norm": ("adam_m_norm", {"block_role": "hidden_weight"}, ()),
+    "adam_v_norm": ("adam_v_norm", {"block_role": "hidden_weight"}, ()),
+    "act_absmax": ("act_absmax", {"site": "resid_post"}, ()),
+    "act_rms": ("act_rms", {"site": "resid_post"}, ()),
+    "delta_prev_rms": ("delta_prev_rms", {"site": "resid_post"}, ()),
+    "attn_max_logit": ("attn_max_logit", {}, ("head",)),
+    "attn_entropy": ("attn_entropy", {}, ("head",)),
+}
+MIN_SCALE = 0.05  # smallest robust σ of log x in the spike z-score: a 5% change
+THRESHOLD = 5.0  # |z| above which a series has left its baseline
+GUARD = 2  # baseline: replayed steps ≤ spike_step − GUARD
+
+
+def signal_tables(ds: xr.Dataset) -> dict[str, pd.DataFrame]:
+    """SPIKE_SIGNALS present in `ds` (one run) → DataFrame (index layer, columns step)."""
+    out = {}
+    for name, (var, sel, reduce) in SPIKE_SIGNALS.items():
+        if var not in ds:
+            continue
+        da = ds[var].sel(sel) if sel else ds[var]
+        for dim in reduce:
+            if dim in da.dims:
+                da = da.max(dim)
+        if set(da.dims) == {"step", "layer"}:
+            out[name] = da.transpose("layer", "step").to_pandas()
+    return out
+
+
+def robust_z(table: pd.DataFrame, baseline: list) -> pd.DataFrame:
+    """Robust z of log|x| of each row against its values at the `baseline` columns (see module doc)."""
+    logx = np.log(np.abs(table.astype(float)).clip(lower=1e-30))
+    base = logx[baseline]
+    median = base.median(axis=1)
+    mad = base.sub(median, axis=0).abs().median(axis=1)
+    scale = np.maximum(1.4826 * mad, MIN_SCALE)
+    return logx.sub(median, axis=0).div(scale, axis=0)
+
+
+def lead_lag(ds: xr.Dataset, spike_step: int, guard: int = GUARD, threshold: float = THRESHOLD) -> pd.DataFrame:
+    """One row per (signal, layer) that left its baseline: onset step, z at the onset, peak |z| and its
+    step; sorted by onset, then by |z| at the onset (largest first)."""
+    steps = [int(s) for s in ds.step.values]
+    baseline = [s for s in steps if s <= spike_step - guard]
+    if len(baseline) < 2:
+        raise ValueError(f"the replay has {len(baseline)} step(s) before step {spike_step - guard + 1}; "
+                         "replay with a longer lead for a baseline")
+    rows = []
+    for name, table in signal_tables(ds).items():
+        z = robust_z(table, baseline)
+        after = z[[s for s in steps if s > spike_step - guard]]
+        for layer, series in after.iterrows():
+            big = series[series.abs() > threshold]
+            if big.empty:
+                continue
+            onset = int(big.index[0])
+            peak = int(series.abs().idxmax())
+            rows.append({"signal": name, "layer": int(layer), "onset": onset, "z_onset": float(series[onset]),
+                         "peak_step": peak, "z_peak": float(series[peak])})
+    df = pd.DataFrame(rows, columns=["signal", "layer", "onset", "z_onset", "peak_step", "z_peak"])
+    if df.empty:
+        return df
+    df["_abs"] = -df["z_onset"].abs()
+    return df.sort_values(["onset", "_abs"], kind="stable").drop(columns="_abs").reset_index(drop=True)
+
+
+def spike_report(ds: xr.Dataset, spike_step: int, guard: int = GUARD, threshold: float = THRESHOLD) -> dict:
+    """The lead/lag of a replayed spike: {"spike_step", "onset_step" (earliest excursion, None if none),
+    "first_signals", "first_layers" (at the onset step, by |z|), "layer_onsets" {layer: step},
+    "signal_onsets" {signal: step}, "table" (lead_lag)}."""
+    table = lead_lag(ds, spike_step, guard, threshold)
+    report = {"spike_step": spike_step, "onset_step": None, "first_signals": [], "first_layers": [],
+              "layer_onsets": {}, "signal_onsets": {}, "table": table, "guard": guard, "threshold": threshold}
+    if table.empty:
+        return report
+    onset = int(table["onset"].min())
+    first = table[table["onset"] == onset]
+    report["onset_step"] = onset
+    report["first_signals"] = list(dict.fromkeys(first["signal"]))
+    report["first_layers"] = list(dict.fromkeys(int(v) for v in first["layer"]))
+    report["layer_onsets"] = {int(k): int(v) for k, v in table.groupby("layer")["onset"].min().items()}
+    report["signal_onsets"] = {k: int(v) for k, v in table.groupby("signal")["onset"].min().items()}
+    return report
+
+
+def spike_figure(ds: xr.Dataset, report: dict):
+    """One heatmap per signal: robust z (layer × step), the spike step marked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    tables = signal_tables(ds)
+    steps = [int(s) for s in ds.step.values]
+    baseline = [s for s in steps if s <= report["spike_step"] - report["guard"]]
+    n = len(tables)
+    cols = min(n, 3) or 1
+    rows = math.ceil(n / cols) or 1
+    fig = Figure(figsize=(4.2 * cols, 2.6 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (name, table) in zip(axes, tables.items()):
+        z = robust_z(table, baseline).clip(-20, 20)
+        sns.heatmap(z, ax=ax, cmap="RdBu_r", center=0, vmin=-20, vmax=20, cbar=ax is axes[min(n, cols) - 1])
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("layer")
+        if report["spike_step"] in table.columns:
+            x = list(table.columns).index(report["spike_step"]) + 0.5
+            ax.axvline(x, color="k", lw=1, ls="--")
+    for ax in axes[n:]:
+        ax.axis("off")
+    fig.suptitle(f"Robust z vs the baseline (steps ≤ {report['spike_step'] - report['guard']}); "
+                 f"dashed: spike step {report['spike_step']}", fontsize=10)
+    return fig
+
+
+def spike_markdown(report: dict, replay: dict | None = None) -> str:
+    """The spike report as markdown."""
+    lines = [f"# Spike report: step {report['spike_step']}", ""]
+    if replay:
+        lines += [f"Replayed steps {replay['start']}–{replay['stop'] - 1} from "
+                  f"{'the checkpoint at step ' + str(replay['start']) if replay['start'] else 'initialization'}"
+                  f" with probes at every step; training bitwise the same as the original run: "
+                  f"{ {True: 'yes', False: 'NO', None: 'not checked (no original metrics)'}[replay['bitwise']] }"
+                  f" ({len(replay['compared'])} steps compared).", ""]
+        if replay.get("error"):
+            lines += [f"The replay ended early: {replay['error']}.", ""]
+    lines += [f"Rule: robust z of log x per (signal, layer) against the replayed steps ≤ "
+              f"{report['spike_step'] - report['guard']}; an excursion is |z| > {report['threshold']:g}.", ""]
+    if report["onset_step"] is None:
+        lines += ["No signal left its baseline.", ""]
+        return "\n".join(lines)
+    lines += [f"**Earliest excursion: step {report['onset_step']}**, in "
+              f"{', '.join(report['first_signals'])}; first layers to move (by |z| at that step): "
+              f"{', '.join(map(str, report['first_layers']))}.", "",
+              "Onset per layer (earliest over signals): "
+              + ", ".join(f"layer {k}: {v}" for k, v in sorted(report["layer_onsets"].items())) + ".", "",
+              "Onset per signal (earliest over layers): "
+              + ", ".join(f"{k}: {v}" for k, v in sorted(report["signal_onsets"].items(), key=lambda kv: kv[1])) + ".",
+              "", "| signal | layer | onset | z at onset | peak step | peak z |", "|---|---|---|---|---|---|"]
+    for r in report["table"].itertuples(index=False):
+        lines.append(f"| {r.signal} | {r.layer} | {r.onset} | {r.z_onset:.1f} | {r.peak_step} | {r.z_peak:.1f} |")
+    return "\n".join(lines + [""])
+
+
+def write_spike_report(replay_dir: str | os.PathLike, spike_step: int, replay: dict | None = None,
+                       dpi: int = 110) -> dict:
+    """spike_report.md, spike_report.json and spike_report.png in the replay dir; returns the report."""
+    replay_dir = Path(replay_dir)
+    ds = open_run(replay_dir)
+    report = spike_report(ds, spike_step)
+    (replay_dir / "spike_report.md").write_text(spike_markdown(report, replay))
+    fig = spike_figure(ds, report)
+    fig.savefig(replay_dir / "spike_report.png", dpi=dpi)
+    as_json = {k: v for k, v in report.items() if k != "table"}
+    as_json["table"] = report["table"].to_dict(orient="records")
+    if replay:
+        as_json["replay"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in replay.items()}
+    (replay_dir / "spike_report.json").write_text(json.dumps(as_json, indent=2))
+    return report
+
+
+# --- the report's training-health section ------------------------------------------------------------
+def _cells(ds: xr.Dataset):
+    for r in list_runs(ds).itertuples(index=False):
+        yield r, ds.sel({d: getattr(r, d) for d in SWEEP_DIMS if d in ds.dims})
+
+
+def attention_growth(ds: xr.Dataset) -> pd.DataFrame:
+    """Per run: the largest attention logit (over layers and heads) at the first and last probe steps,
+    its growth (last / first), the deepest layer's, and the mean normalized entropy at the end."""
+    rows = []
+    for r, cell in _cells(ds):
+        if "attn_max_logit" not in cell:
+            continue
+        logit = cell["attn_max_logit"].dropna("step", how="all")
+        if logit.sizes["step"] == 0:
+            continue
+        first, last = logit.isel(step=0).max().item(), logit.isel(step=-1).max().item()
+        deepest = logit.isel(step=-1).dropna("layer", how="all").isel(layer=-1).max().item()
+        ent = cell["attn_entropy_norm"].dropna("step", how="all").isel(step=-1).mean().item()
+        rows.append({"param": r.param, "alpha": r.alpha, "depth": r.depth, "width": r.width, "lr": r.lr,
+                     "seed": r.seed, "max_logit_first": first, "max_logit_last": last, "growth": last / first,
+                     "last_layer_max_logit": deepest, "entropy_norm_last": ent})
+    return pd.DataFrame(rows)
+
+
+def eps_dominance(ds: xr.Dataset) -> pd.DataFrame:
+    """Per run and role: the ε-dominance share at the last probe step (block roles: mean over layers)."""
+    rows = []
+    for r, cell in _cells(ds):
+        if "adam_eps_dominance" not in cell:
+            continue
+        last = cell.dropna("step", how="all", subset=["adam_eps_dominance"]).isel(step=-1)
+        row = {"param": r.param, "alpha": r.alpha, "depth": r.depth, "width": r.width, "seed": r.seed}
+        for role in last.block_role.values:
+            row[str(role)] = float(last["adam_eps_dominance"].sel(block_role=role).mean())
+        for role in last.global_role.values:
+            row[str(role)] = float(last["global_adam_eps_dominance"].sel(global_role=role))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def spikes(ds: xr.Dataset) -> pd.DataFrame:
+    """Steps the trainer's detector marked in each run's metrics.jsonl (trainer/spikes.py's rule)."""
+    rows = []
+    for r in list_runs(ds).itertuples(index=False):
+        metrics = load_metrics(r.run_dir)
+        if "spike" not in metrics:
+            continue
+        for m in metrics.dropna(subset=["spike"]).itertuples(index=False):
+            rows.append({"param": r.param, "depth": r.depth, "width": r.width, "seed": r.seed, "step": int(m.step),
+                         "signals": ", ".join(m.spike), "loss": m.loss, "grad_norm": m.grad_norm})
+    return pd.DataFrame(rows, columns=["param", "depth", "width", "seed", "step", "signals", "loss", "grad_norm"])
