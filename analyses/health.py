@@ -69,11 +69,17 @@ def robust_z(table: pd.DataFrame, baseline: list) -> pd.DataFrame:
     return logx.sub(median, axis=0).div(scale, axis=0)
 
 
+def _baseline(steps: list[int], spike_step: int, guard: int) -> list[int]:
+    """Replayed steps ≤ spike_step − guard, except the first: its `delta_prev_rms` is measured against
+    the original run's last probe step before the checkpoint, not against the step before it."""
+    return [s for s in steps[1:] if s <= spike_step - guard]
+
+
 def lead_lag(ds: xr.Dataset, spike_step: int, guard: int = GUARD, threshold: float = THRESHOLD) -> pd.DataFrame:
     """One row per (signal, layer) that left its baseline: onset step, z at the onset, peak |z| and its
     step; sorted by onset, then by |z| at the onset (largest first)."""
     steps = [int(s) for s in ds.step.values]
-    baseline = [s for s in steps if s <= spike_step - guard]
+    baseline = _baseline(steps, spike_step, guard)
     if len(baseline) < 2:
         raise ValueError(f"the replay has {len(baseline)} step(s) before step {spike_step - guard + 1}; "
                          "replay with a longer lead for a baseline")
@@ -124,8 +130,7 @@ def spike_figure(ds: xr.Dataset, report: dict):
     from matplotlib.figure import Figure
 
     tables = signal_tables(ds)
-    steps = [int(s) for s in ds.step.values]
-    baseline = [s for s in steps if s <= report["spike_step"] - report["guard"]]
+    baseline = _baseline([int(s) for s in ds.step.values], report["spike_step"], report["guard"])
     n = len(tables)
     cols = min(n, 3) or 1
     rows = math.ceil(n / cols) or 1
@@ -245,3 +250,29 @@ def spikes(ds: xr.Dataset) -> pd.DataFrame:
             rows.append({"param": r.param, "depth": r.depth, "width": r.width, "seed": r.seed, "step": int(m.step),
                          "signals": ", ".join(m.spike), "loss": m.loss, "grad_norm": m.grad_norm})
     return pd.DataFrame(rows, columns=["param", "depth", "width", "seed", "step", "signals", "loss", "grad_norm"])
+
+
+def health_markdown(ds: xr.Dataset) -> list[str]:
+    """The report's "Training health" section (markdown lines; empty when the runs have no health records)."""
+    from analyses.report import markdown_table
+
+    attention, eps, marked = attention_growth(ds), eps_dominance(ds), spikes(ds)
+    if attention.empty and eps.empty and marked.empty:
+        return []
+    lines = ["## Training health", ""]
+    if not attention.empty:
+        lines += ["Attention: the largest pre-softmax logit (after the scale; over layers and heads) at the first and "
+                  "last probe steps, its growth, the last layer's, and the mean entropy / log(context) at the end.",
+                  "", markdown_table(attention.sort_values(["param", "depth", "seed"])), ""]
+    if not eps.empty:
+        lines += ["Adam ε-dominance at the last probe step: the share of coordinates where ε ≥ √v̂ (ε, not the "
+                  "gradient, sets the step), per role (block roles: mean over layers).", "",
+                  markdown_table(eps.sort_values(["param", "depth", "seed"])), ""]
+    if marked.empty:
+        lines += ["Spikes: none marked in metrics.jsonl (rule: robust z of log loss or log grad norm over the "
+                  "trailing 50 steps > 6; trainer/spikes.py).", ""]
+    else:
+        lines += ["Spikes marked in metrics.jsonl (robust z of log loss or log grad norm over the trailing 50 steps "
+                  "> 6; trainer/spikes.py). Explain one with `diagnose replay RUN --step S`.", "",
+                  markdown_table(marked), ""]
+    return lines

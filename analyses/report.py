@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from analyses import coordcheck, laziness, profile, stats, transfer
+from analyses import coordcheck, health, laziness, profile, stats, transfer
 from analyses.load import (
     SWEEP_DIMS,
     AnalysisError,
@@ -268,6 +268,7 @@ def _markdown(ds: xr.Dataset, res: dict, figures: list[Path]) -> str:
         lines += ["## Learning-rate transfer", "", "Optimal η_base per depth (quadratic fit in log2 lr; interval "
                   "over seeds, log2 units):", "", markdown_table(tr.optima), "",
                   "Drift: slope of log2(lr*) vs log2(depth) (0 = transfers):", "", markdown_table(tr.drift), ""]
+    lines += health.health_markdown(ds)
     if res["skipped"]:
         lines += ["## Not analysed", ""] + [f"- {k}: {v}" for k, v in res["skipped"].items()] + [""]
     if figures:
