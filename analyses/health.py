@@ -276,3 +276,48 @@ def health_markdown(ds: xr.Dataset) -> list[str]:
                   "> 6; trainer/spikes.py). Explain one with `diagnose replay RUN --step S`.", "",
                   markdown_table(marked), ""]
     return lines
+
+
+HEALTH_PANELS: dict[str, tuple[str, dict, str, str]] = {
+    # name → (variable, selection, reduction over the non-layer dim, y label)
+    "attention max logit": ("attn_max_logit", {}, "max", "max logit"),
+    "attention entropy / log(context)": ("attn_entropy_norm", {}, "mean", "normalized entropy"),
+    "kurtosis of the stream": ("act_kurtosis", {"site": "resid_post"}, "", "kurtosis"),
+    "spectral update ‖ΔW‖₂/‖W‖₂": ("update_spectral_rel", {}, "max", "max over matrices"),
+}
+
+
+def health_figure(runs: dict[str, xr.Dataset], panels: dict | None = None):
+    """Runs side by side (columns) on the health signals (rows): one line per layer over the probe steps,
+    darker = deeper."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    panels = panels or HEALTH_PANELS
+    fig = Figure(figsize=(4.0 * len(runs), 2.5 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), len(runs), squeeze=False, sharey="row")
+    cmap = colormaps["viridis_r"]
+    for col, (label, ds) in enumerate(runs.items()):
+        for row, (title, (var, sel, reduce, ylabel)) in enumerate(panels.items()):
+            ax = axes[row, col]
+            if var not in ds:
+                ax.axis("off")
+                continue
+            da = ds[var].sel(sel) if sel else ds[var]
+            other = [d for d in da.dims if d not in ("step", "layer")]
+            if other and reduce:
+                da = getattr(da, reduce)(other)
+            depth = da.sizes["layer"]
+            for layer in range(depth):
+                series = da.isel(layer=layer)
+                ax.plot(series["step"], series, color=cmap((layer + 1) / depth), lw=1)
+            ax.set_title(f"{label}: {title}", fontsize=9)
+            ax.set_xlabel("step")
+            if col == 0:
+                ax.set_ylabel(ylabel)
+            if var == "update_spectral_rel":
+                ax.set_yscale("log")
+    return fig

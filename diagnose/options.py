@@ -98,6 +98,8 @@ probe_options = _stack([
                  help="Probe steps buffered before each append to the store."),
     click.option("--probe-flush-seconds", type=float, default=60.0, show_default=True,
                  help="Append sooner once this many seconds have passed since the last append."),
+    click.option("--probe-health/--no-probe-health", default=True, show_default=True,
+                 help="Also record the training-health statistics (attention, outliers, Adam state, spectra)."),
 ])
 
 
@@ -139,7 +141,8 @@ def build_spec(opts: dict[str, Any]):
     if opts["probes"]:
         probes = ProbeConfig(every=opts["probe_every"], early=opts["probe_early"], batch_size=opts["probe_batch"],
                              dtype=opts["probe_dtype"], lin_batch_size=opts["probe_lin_batch"],
-                             flush_every=opts["probe_flush"], flush_seconds=opts["probe_flush_seconds"])
+                             flush_every=opts["probe_flush"], flush_seconds=opts["probe_flush_seconds"],
+                             health=opts.get("probe_health", True))
     return RunSpec(param=param, model=model, data=data, train=train), probes
 
 

@@ -45,6 +45,7 @@ class ProbeConfig:
     flush_every: int = FLUSH_EVERY  # probe steps buffered before each append to the store ...
     flush_seconds: float = FLUSH_SECONDS  # ... or fewer, once this long has passed since the last append
     seed: int = 0  # which held-out windows form the probe batch
+    health: bool = True  # also the training-health statistics (probes.health; cost: benchmarks/RESULTS.md)
 
     def __post_init__(self) -> None:
         for name in ("every", "batch_size", "flush_every"):
@@ -105,6 +106,7 @@ class ProbeRecorder(Observer):
             dtype=None if self.config.dtype == "auto" else getattr(torch, self.config.dtype),  # None: by device
             lin_batch_size=self.config.lin_batch_size or None, flush_every=self.config.flush_every,
             flush_seconds=self.config.flush_seconds, append=True,  # a resumed run continues its store
+            health=self.config.health,
         )
         if self._state:
             self.log.session.load_state_dict(self._state)

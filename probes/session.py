@@ -28,13 +28,15 @@ class ProbeSession:
     """Holds the probe batch and the reference activations (step 0 and the previous probe step)."""
 
     def __init__(self, adapter: ModelAdapter, probe_batch: torch.Tensor, dtype: torch.dtype = torch.float64,
-                 lin_batch_size: int | None = None):
+                 lin_batch_size: int | None = None, health: bool = True):
         """`lin_batch_size`: evaluate the linearization error on the first that many sequences of the
-        probe batch only (None: all); every other statistic uses the whole batch."""
+        probe batch only (None: all); every other statistic uses the whole batch. `health`: also record
+        the training-health statistics (probes.health)."""
         if lin_batch_size is not None and lin_batch_size <= 0:
             raise ValueError(f"lin_batch_size={lin_batch_size} must be positive (or None for the whole batch)")
         self.adapter, self.batch, self.dtype = adapter, probe_batch, dtype
         self.lin_batch_size = lin_batch_size
+        self.health = health
         self.ref0: dict[tuple[int, str], torch.Tensor] | None = None
         self.prev: dict[tuple[int, str], torch.Tensor] | None = None
         self.roles = adapter.parameter_roles()
@@ -84,7 +86,8 @@ class ProbeSession:
             adapter=self.adapter, optimizer=optimizer, batch=self.batch, state=self.stat_state,
         )
         values = builtin_statistics(ctx)
-        values.update(health_statistics(ctx))
+        if self.health:
+            values.update(health_statistics(ctx))
         values["probe_loss"] = pending["loss"].float()
         for name, stat in USER_STATISTICS.items():
             values[name] = stat.fn(ctx)

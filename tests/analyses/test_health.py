@@ -58,3 +58,21 @@ def test_robust_z_matches_a_direct_computation():
     med = np.median(logs)
     scale = max(1.4826 * np.median(np.abs(logs - med)), health.MIN_SCALE)
     assert z.loc[2, 25] == pytest.approx((np.log(table.loc[2, 25]) - med) / scale)
+
+
+def test_report_has_a_training_health_section_only_when_there_are_health_records(tmp_path):
+    from analyses import report
+    from tests.analyses.conftest import SynthRun, write_run
+
+    runs = [write_run(tmp_path / f"a{a}", SynthRun(alpha=a, depth=8, health=True)) for a in (0.5, 1.0)]
+    report.write_report(runs, tmp_path / "rep", n_boot=20, dpi=30)
+    md = (tmp_path / "rep" / "summary.md").read_text()
+    section = md.split("## Training health", 1)[1].split("\n## ", 1)[0]
+    growth = health.attention_growth(report._open(runs))
+    # The synthetic logits grow by 10% per layer and stay flat in time: growth 1, last layer 1.7.
+    assert sorted(growth["alpha"]) == [0.5, 1.0] and np.allclose(growth["growth"], 1.0)
+    assert np.allclose(growth["last_layer_max_logit"], 1.7)
+    assert "| alpha=0.5 |" in section and "ε-dominance" in section and "Spikes: none marked" in section
+    plain = write_run(tmp_path / "plain", SynthRun(depth=4))  # a store from before the health probes
+    report.write_report([plain], tmp_path / "rep2", n_boot=20, dpi=30)
+    assert "## Training health" not in (tmp_path / "rep2" / "summary.md").read_text()
