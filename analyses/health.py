@@ -240,16 +240,24 @@ def eps_dominance(ds: xr.Dataset) -> pd.DataFrame:
 
 
 def spikes(ds: xr.Dataset) -> pd.DataFrame:
-    """Steps the trainer's detector marked in each run's metrics.jsonl (trainer/spikes.py's rule)."""
+    """Spike episodes the trainer's detector marked in each run's metrics.jsonl (trainer/spikes.py's rule):
+    runs of consecutive marked steps, one row each: first and last step, the signals, the loss at the
+    first step and the largest loss of the episode."""
+    columns = ["param", "depth", "width", "seed", "step", "until", "signals", "loss", "max_loss"]
     rows = []
     for r in list_runs(ds).itertuples(index=False):
         metrics = load_metrics(r.run_dir)
         if "spike" not in metrics:
             continue
-        for m in metrics.dropna(subset=["spike"]).itertuples(index=False):
-            rows.append({"param": r.param, "depth": r.depth, "width": r.width, "seed": r.seed, "step": int(m.step),
-                         "signals": ", ".join(m.spike), "loss": m.loss, "grad_norm": m.grad_norm})
-    return pd.DataFrame(rows, columns=["param", "depth", "width", "seed", "step", "signals", "loss", "grad_norm"])
+        marked = metrics.dropna(subset=["spike"])
+        episode = (marked["step"].diff() != 1).cumsum()
+        for _, ep in marked.groupby(episode):
+            signals = sorted({s for listed in ep["spike"] for s in listed})
+            rows.append({"param": r.param, "depth": r.depth, "width": r.width, "seed": r.seed,
+                         "step": int(ep["step"].iloc[0]), "until": int(ep["step"].iloc[-1]),
+                         "signals": ", ".join(signals), "loss": float(ep["loss"].iloc[0]),
+                         "max_loss": float(ep["loss"].max())})
+    return pd.DataFrame(rows, columns=columns)
 
 
 def health_markdown(ds: xr.Dataset) -> list[str]:
@@ -272,8 +280,9 @@ def health_markdown(ds: xr.Dataset) -> list[str]:
         lines += ["Spikes: none marked in metrics.jsonl (rule: robust z of log loss or log grad norm over the "
                   "trailing 50 steps > 6; trainer/spikes.py).", ""]
     else:
-        lines += ["Spikes marked in metrics.jsonl (robust z of log loss or log grad norm over the trailing 50 steps "
-                  "> 6; trainer/spikes.py). Explain one with `diagnose replay RUN --step S`.", "",
+        lines += ["Spike episodes marked in metrics.jsonl (robust z of log loss or log grad norm over the trailing "
+                  "50 steps > 6; trainer/spikes.py; `until`: the last consecutive marked step). Explain one with "
+                  "`diagnose replay RUN --step S`.", "",
                   markdown_table(marked), ""]
     return lines
 

@@ -3,11 +3,11 @@
 One process, the benchmark suite's CPU model (width 128, depth 4, seq 128, train batch 16, probe
 batch 8): a plain training step, a probe step without the health statistics and a probe step with
 them, interleaved (ABBA) over repeats after an untimed warm-up. Reported per repeat and summarised by
-the median with the min-max spread: probe step / plain step for both probe sets, and the amortized
-overhead of probing every k steps, 1 + (probe step / plain step - 1) / k (the store append, about
-4 ms per probe step at k = 10 and the same with or without these statistics, is left out; see
-RESULTS.md), plus the health statistics' own time by group (attention, activations, Adam, spectra)
-against a plain step.
+the median with the min-max spread: probe step / plain step for three probe sets (no health
+statistics; the cheap ones; all), and the amortized overhead of probing every k steps,
+1 + (probe step / plain step - 1) / k (the store append, about 4 ms per probe step at k = 10 and the
+same with or without these statistics, is left out; see RESULTS.md), plus the health statistics'
+own time by group (attention, activations, Adam, spectra) against a plain step.
 """
 
 from __future__ import annotations
@@ -30,35 +30,48 @@ def run(bench: BenchConfig, repeats: int, run_dir: Path) -> dict:
     torch.set_num_threads(bench.threads or torch.get_num_threads())
     trainer = make_trainer(bench, bench.probe_param, run_dir / "train")
     runner = TrainerRunner(trainer)
+    # Three probe sets: none of the health statistics; the cheap ones only (Adam, spectra: what a probe
+    # step between two `health_every` steps records); all of them (what a step at the cadence records).
+    variants = {"probe": dict(health=False), "probe_cheap": dict(health_every=10**9),
+                "probe_full": dict(health_every=1)}
     recorders = {
-        on: ProbeRecorder(ProbeConfig(every=1, early=False, batch_size=bench.probe_batch,
-                                      lin_batch_size=bench.lin_batch, health=on),
-                          run_dir / f"probes-{on}", trainer.spec)
-        for on in (False, True)
+        name: ProbeRecorder(ProbeConfig(every=1, early=False, batch_size=bench.probe_batch,
+                                        lin_batch_size=bench.lin_batch, **kw), run_dir / name, trainer.spec)
+        for name, kw in variants.items()
     }
     runner.run(bench.warmup_steps)
-    for rec in recorders.values():  # untimed first probe step of each (torch.func's first call)
+    for rec in recorders.values():  # untimed first probe steps (torch.func's first call; the full health step 0)
         trainer.observers = [rec]
-        runner.run(1)
+        runner.run(2)
 
     def use(observers):
         return lambda: setattr(trainer, "observers", observers)
 
-    cases = {"plain": lambda: runner.run(1), "probe": lambda: runner.run(1), "probe_health": lambda: runner.run(1)}
-    setup = {"plain": use([]), "probe": use([recorders[False]]), "probe_health": use([recorders[True]])}
+    cases = {name: (lambda: runner.run(1)) for name in ("plain", *recorders)}
+    setup = {"plain": use([]), **{name: use([rec]) for name, rec in recorders.items()}}
     times = interleaved(cases, repeats, trainer.device, setup=setup)
     trainer.observers = []
     out: dict = {"repeats": repeats, "threads": torch.get_num_threads(),
                  "plain_step_ms": 1e3 * summarize(times.wall["plain"])["median"]}
-    for name in ("probe", "probe_health"):
+    for name in recorders:
         out[f"{name}_vs_step"] = times.ratio(name, "plain")
-        for k in (10, 100):
-            per = [1 + (p / q - 1) / k for p, q in zip(times.wall[name], times.wall["plain"])]
-            out[f"{name}_overhead_k{k}"] = summarize(per)
+    # Amortized overhead of probing every k steps (store appends left out), per repeat, by CPU time
+    # (the wall clock of a loaded shared machine is the noisier): without the health statistics, with
+    # all of them at every probe step, and with the default cadence (the full set every HEALTH_EVERY
+    # steps, the cheap set at the other probe steps).
+    cpu = times.cpu
+    for k in (10, 100):
+        full_every = max(1, health.HEALTH_EVERY // k)  # probe steps per full health step
+        arms = {"none": [1 + (p / q - 1) / k for p, q in zip(cpu["probe"], cpu["plain"])],
+                "all_every_probe_step": [1 + (f / q - 1) / k for f, q in zip(cpu["probe_full"], cpu["plain"])],
+                "default_cadence": [1 + ((c / q - 1) * (full_every - 1) + (f / q - 1)) / (k * full_every)
+                                    for c, f, q in zip(cpu["probe_cheap"], cpu["probe_full"], cpu["plain"])]}
+        for arm, values in arms.items():
+            out[f"overhead_k{k}_{arm}"] = summarize(values)
 
     # The health statistics by group, on one probe step's inputs, against a plain step.
-    adapter = recorders[True].session.adapter
-    model, batch, depth = adapter.model, recorders[True].session.batch, adapter.depth
+    adapter = recorders["probe_full"].session.adapter
+    model, batch, depth = adapter.model, recorders["probe_full"].session.batch, adapter.depth
     with torch.no_grad(), capture(adapter.sites()) as acts:
         adapter.loss(batch)
     acts = {key: a.detach().float().clone() for key, a in acts.items()}

@@ -100,6 +100,8 @@ probe_options = _stack([
                  help="Append sooner once this many seconds have passed since the last append."),
     click.option("--probe-health/--no-probe-health", default=True, show_default=True,
                  help="Also record the training-health statistics (attention, outliers, Adam state, spectra)."),
+    click.option("--probe-health-every", type=int, default=100, show_default=True,
+                 help="Attention and activation statistics at probe steps that are multiples of this (cost)."),
 ])
 
 
@@ -142,7 +144,8 @@ def build_spec(opts: dict[str, Any]):
         probes = ProbeConfig(every=opts["probe_every"], early=opts["probe_early"], batch_size=opts["probe_batch"],
                              dtype=opts["probe_dtype"], lin_batch_size=opts["probe_lin_batch"],
                              flush_every=opts["probe_flush"], flush_seconds=opts["probe_flush_seconds"],
-                             health=opts.get("probe_health", True))
+                             health=opts.get("probe_health", True),
+                             health_every=opts.get("probe_health_every", 100))
     return RunSpec(param=param, model=model, data=data, train=train), probes
 
 

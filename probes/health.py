@@ -40,36 +40,43 @@ from probes.schema import BLOCK_ROLES, GLOBAL_ROLES, SITES
 OUTLIER_MULTIPLE = 6.0  # act_outlier_frac counts entries with |x| > 6 × RMS (Gaussian: 2e-9)
 POWER_STEPS = 3  # power-iteration steps per probe step, from the previous probe step's vector
 COLD_POWER_STEPS = 20  # ... and the first time, from a fixed random vector
+HEALTH_EVERY = 100  # default cadence (steps) of the attention and activation statistics: see benchmarks/RESULTS.md
+HEADS_KEY = "attn_heads"  # in the statistics' state: heads per layer, for the NaN rows between full steps
 
 
 # --- attention ---------------------------------------------------------------------------------------
-def attention_reductions(logits: torch.Tensor, allowed: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_reductions(logits: torch.Tensor, allowed: torch.Tensor | None = None,
+                         probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(max logit, mean entropy in nats, mean entropy / log(context length)), each per head.
 
     `logits`: (batch, heads, queries, keys) pre-softmax scores after the scale; `allowed`: a bool mask
-    broadcastable to it (None: every finite score is allowed). Queries that see one key only (entropy
-    0 / log 1) are left out of the normalized mean.
+    broadcastable to it (None: every finite score is allowed); `probs`: the softmax over the allowed
+    keys when the model already computed it (else computed here). Queries that see one key only
+    (entropy 0 / log 1) are left out of the normalized mean.
     """
     logits = logits.float()
     if allowed is None:
         allowed = torch.isfinite(logits)
-    allowed = allowed.expand_as(logits)
-    masked = logits.masked_fill(~allowed, float("-inf"))
+        masked = logits
+    else:
+        allowed = allowed.expand_as(logits)
+        masked = logits.masked_fill(~allowed, float("-inf"))
     max_logit = masked.amax(dim=(0, 2, 3))
-    probs = masked.softmax(dim=-1)
-    entropy = -torch.special.xlogy(probs, probs).sum(-1)  # (b, h, q)
-    context = allowed.sum(-1).float()  # keys each query may attend to
+    if probs is None:
+        probs = masked.softmax(dim=-1)
+    entropy = -torch.special.xlogy(probs.float(), probs.float()).sum(-1)  # (b, h, q)
+    context = allowed.sum(-1)  # keys each query may attend to
     several = context > 1
-    norm = torch.where(several, entropy / context.clamp(min=2).log(), torch.zeros_like(entropy))
+    norm = torch.where(several, entropy / context.clamp(min=2).float().log(), torch.zeros_like(entropy))
     norm_mean = norm.sum(dim=(0, 2)) / several.sum(dim=(0, 2)).clamp(min=1)
     return max_logit, entropy.mean(dim=(0, 2)), norm_mean
 
 
 def attention_hook_sites(branch: nn.Module) -> dict[str, SiteSpec]:
-    """The `attn_logits` site of an attention branch that exposes one (the built-in GPT's math path)."""
+    """The `attn_logits` and `attn_probs` sites of an attention branch that exposes them (the built-in
+    GPT's math path)."""
     return {name.rsplit(".", 1)[-1]: SiteSpec(m) for name, m in branch.named_modules()
-            if name.endswith("hooks.attn_logits")}
+            if name.endswith(("hooks.attn_logits", "hooks.attn_probs"))}
 
 
 @contextmanager
@@ -107,15 +114,15 @@ def attention_statistics(adapter, acts: dict, batch: torch.Tensor | None,
     """
     per_layer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
     branches = [adapter.branch(layer, "attn") for layer in range(adapter.depth)]
-    if all(attention_hook_sites(b) for b, _ in branches):
+    if all("attn_logits" in attention_hook_sites(b) for b, _ in branches):
         global_names = {id(p): n for n, p in adapter.model.named_parameters()}
         with _math_attention(adapter):
             for layer, (branch, input_site) in enumerate(branches):
                 local = {k: params[global_names[id(p)]] for k, p in branch.named_parameters()}
                 with capture(attention_hook_sites(branch)) as found:
                     torch.func.functional_call(branch, local, (acts[(layer, input_site)],))
-                per_layer.append(attention_reductions(found["attn_logits"]))
-    elif batch is not None and hasattr(getattr(adapter.model, "config", None), "_attn_implementation"):
+                per_layer.append(attention_reductions(found["attn_logits"], probs=found.get("attn_probs")))
+    elif batch is not None and hasattr(adapter.model, "set_attn_implementation"):  # a Hugging Face model
         from probes.hf_attention import recorded_attention
 
         with _parameters_set_to(adapter.model, params), recorded_attention(adapter.model) as records:
@@ -131,14 +138,20 @@ def attention_statistics(adapter, acts: dict, batch: torch.Tensor | None,
 
 # --- activations -------------------------------------------------------------------------------------
 def activation_reductions(x: torch.Tensor) -> torch.Tensor:
-    """(abs-max, kurtosis E[(x-µ)⁴]/Var², fraction with |x| > OUTLIER_MULTIPLE·RMS) of all entries."""
+    """(abs-max, kurtosis E[(x-µ)⁴]/Var², fraction with |x| > OUTLIER_MULTIPLE·RMS) of all entries.
+
+    Written for few passes over the tensor (this runs on every stream and branch site).
+    """
     x = x.float().reshape(-1)
-    centered = x - x.mean()
-    var = centered.pow(2).mean()
-    kurtosis = centered.pow(4).mean() / var.pow(2)
-    rms = x.pow(2).mean().sqrt()
-    outliers = (x.abs() > OUTLIER_MULTIPLE * rms).float().mean()
-    return torch.stack([x.abs().max(), kurtosis, outliers])
+    n = x.numel()
+    mean = x.mean()
+    c2 = (x - mean).square_()
+    var = c2.mean()
+    kurtosis = torch.dot(c2, c2) / n / var.square()
+    rms = (var + mean.square()).sqrt()
+    a = x.abs()
+    outliers = torch.count_nonzero(a > OUTLIER_MULTIPLE * rms) / n
+    return torch.stack([a.max(), kurtosis, outliers])
 
 
 def activation_statistics(acts: dict, depth: int) -> dict[str, torch.Tensor]:
@@ -281,15 +294,32 @@ def spectral_statistics(params_before: dict[str, torch.Tensor], params_after: di
     return {"weight_spectral_norm": table[0], "update_spectral_rel": table[1], "weight_stable_rank": table[2]}
 
 
-def health_statistics(ctx) -> dict[str, torch.Tensor]:
-    """Every training-health variable of probes.schema for one probe step (device tensors)."""
+def health_statistics(ctx, full: bool = True) -> dict[str, torch.Tensor]:
+    """Every training-health variable of probes.schema for one probe step (device tensors).
+
+    The Adam-state and spectral statistics are cheap and always measured; the attention and
+    activation statistics (a replay of every attention branch, several passes over every site) only
+    when `full`, else NaN (their cadence: `ProbeSession.health_every`).
+    """
     adapter = ctx.adapter
-    out = activation_statistics(ctx.acts, ctx.depth)
+    out = {}
     if adapter is not None:
-        out.update(attention_statistics(adapter, ctx.acts, ctx.batch, ctx.params_before))
         out.update(adam_statistics(adapter.model, ctx.optimizer, ctx.roles, ctx.layers, ctx.depth))
         matrices = hidden_matrices(ctx.roles, adapter.block_pattern)
         out.update(spectral_statistics(ctx.params_before, ctx.params_after, matrices, ctx.depth, ctx.state))
+    if full:
+        out.update(activation_statistics(ctx.acts, ctx.depth))
+        if adapter is not None:
+            out.update(attention_statistics(adapter, ctx.acts, ctx.batch, ctx.params_before))
+            ctx.state[HEADS_KEY] = torch.tensor(out["attn_max_logit"].shape[1])
+    else:
+        device = ctx.probe_loss.device
+        for name in ("act_absmax", "act_kurtosis", "act_outlier_frac"):
+            out[name] = torch.full((ctx.depth, len(SITES)), float("nan"), device=device)
+        if adapter is not None:
+            heads = int(ctx.state[HEADS_KEY])
+            for name in ("attn_max_logit", "attn_entropy", "attn_entropy_norm"):
+                out[name] = torch.full((ctx.depth, heads), float("nan"), device=device)
     return out
 
 

@@ -86,6 +86,7 @@ class ProbeLog:
         flush_seconds: float = FLUSH_SECONDS,
         append: bool = False,
         health: bool = True,
+        health_every: int = 1,
     ):
         """`steps`: the probe steps (None: every step `update` is called with); `attrs`: stored on the
         records (`param`, `alpha`, `width`, `depth`, `lr`, `seed`, `label`, as `analyses` reads them;
@@ -95,10 +96,12 @@ class ProbeLog:
         optimizer passed to `update`, else "all"); `dtype`: linearization precision (None: float64
         on a CPU, float32 on CUDA); `lin_batch_size`: probe sequences for the linearization error
         (None: all); `append`: continue an existing store (a resumed run) instead of refusing it;
-        `health`: also record the training-health statistics (probes.health)."""
+        `health`: also record the training-health statistics (probes.health); `health_every`: the
+        attention and activation ones only at steps that are multiples of it (NaN in between)."""
         if dtype is None:
             dtype = torch.float32 if probe_batch.device.type == "cuda" else torch.float64
-        self.session = ProbeSession(adapter, probe_batch, dtype, lin_batch_size=lin_batch_size, health=health)
+        self.session = ProbeSession(adapter, probe_batch, dtype, lin_batch_size=lin_batch_size, health=health,
+                                    health_every=health_every)
         self.path = Path(run_dir) / STORE_NAME
         if self.path.exists() and not append:
             raise FileExistsError(f"{self.path} already holds probe records; use another directory, remove it, "

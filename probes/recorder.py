@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from probes.adapters import GPTAdapter
+from probes.health import HEALTH_EVERY
 from probes.probe_log import FLUSH_EVERY, FLUSH_SECONDS, LIN_BATCH_SIZE, ProbeLog, group_names
 from probes.schema import STORE_NAME
 from probes.session import ProbeSession
@@ -46,9 +47,12 @@ class ProbeConfig:
     flush_seconds: float = FLUSH_SECONDS  # ... or fewer, once this long has passed since the last append
     seed: int = 0  # which held-out windows form the probe batch
     health: bool = True  # also the training-health statistics (probes.health; cost: benchmarks/RESULTS.md)
+    # ... of which attention and activations at probe steps that are multiples of this (and step 0):
+    # every probe step would cost 0.25 of a training step per probe step, over the 10% budget at k = 10.
+    health_every: int = HEALTH_EVERY
 
     def __post_init__(self) -> None:
-        for name in ("every", "batch_size", "flush_every"):
+        for name in ("every", "batch_size", "flush_every", "health_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"probe {name}={value!r} must be a positive integer")
@@ -106,7 +110,7 @@ class ProbeRecorder(Observer):
             dtype=None if self.config.dtype == "auto" else getattr(torch, self.config.dtype),  # None: by device
             lin_batch_size=self.config.lin_batch_size or None, flush_every=self.config.flush_every,
             flush_seconds=self.config.flush_seconds, append=True,  # a resumed run continues its store
-            health=self.config.health,
+            health=self.config.health, health_every=self.config.health_every,
         )
         if self._state:
             self.log.session.load_state_dict(self._state)

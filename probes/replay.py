@@ -69,7 +69,7 @@ def replay(run_dir: str | Path, step: int, after: int = 3, lead: int = 8, out: s
         shutil.rmtree(out)
     out.mkdir(parents=True)
     config = json.loads((run_dir / CONFIG_NAME).read_text())
-    dense = replace(probe_cfg, every=1, early=False)
+    dense = replace(probe_cfg, every=1, early=False, health=True, health_every=1)
     config.update(probes=dense.to_dict(), replay_of={"run": str(run_dir), "step": step, "start": start,
                                                      "stop": stop})
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from probes.adapters import ModelAdapter
-from probes.health import health_statistics
+from probes.health import HEADS_KEY, health_statistics
 from probes.hooks import capture
 from probes.linearization import LinearizationResult, branch_linearization
 from probes.schema import BRANCHES
@@ -28,15 +28,16 @@ class ProbeSession:
     """Holds the probe batch and the reference activations (step 0 and the previous probe step)."""
 
     def __init__(self, adapter: ModelAdapter, probe_batch: torch.Tensor, dtype: torch.dtype = torch.float64,
-                 lin_batch_size: int | None = None, health: bool = True):
+                 lin_batch_size: int | None = None, health: bool = True, health_every: int = 1):
         """`lin_batch_size`: evaluate the linearization error on the first that many sequences of the
         probe batch only (None: all); every other statistic uses the whole batch. `health`: also record
-        the training-health statistics (probes.health)."""
+        the training-health statistics (probes.health); `health_every`: the attention and activation
+        ones only at steps that are multiples of it (the cheap ones at every probe step)."""
         if lin_batch_size is not None and lin_batch_size <= 0:
             raise ValueError(f"lin_batch_size={lin_batch_size} must be positive (or None for the whole batch)")
         self.adapter, self.batch, self.dtype = adapter, probe_batch, dtype
         self.lin_batch_size = lin_batch_size
-        self.health = health
+        self.health, self.health_every = health, health_every
         self.ref0: dict[tuple[int, str], torch.Tensor] | None = None
         self.prev: dict[tuple[int, str], torch.Tensor] | None = None
         self.roles = adapter.parameter_roles()
@@ -87,7 +88,8 @@ class ProbeSession:
         )
         values = builtin_statistics(ctx)
         if self.health:
-            values.update(health_statistics(ctx))
+            full = step % self.health_every == 0 or HEADS_KEY not in self.stat_state
+            values.update(health_statistics(ctx, full=full))
         values["probe_loss"] = pending["loss"].float()
         for name, stat in USER_STATISTICS.items():
             values[name] = stat.fn(ctx)

@@ -51,7 +51,8 @@ def test_an_injected_lr_spike_is_detected_replayed_bitwise_and_explained(tmp_pat
     proc = _diagnose("run", "--width", "32", "--head-size", "16", "--depth", "3", "--steps", "26", "--batch-size", "4",
                      "--seq-len", "32", "--lr", "0.01", "--probe-every", "10", "--probe-batch", "4",
                      "--checkpoint-every", "4", "--keep-checkpoints-every", "4", "--log-every", "5",
-                     "--eval-every", "100", "--debug-lr-spike", f"{INJECTED}:100", "--out", str(run), "--quiet",
+                     "--eval-every", "100", "--probe-health-every", "10", "--debug-lr-spike", f"{INJECTED}:100",
+                     "--out", str(run), "--quiet",
                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
