@@ -40,6 +40,11 @@ class ModelAdapter:
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def internal_sites(self, layer: int) -> dict[str, SiteSpec]:
+        """Where a block's internal features are: "mlp_hidden" (input of the MLP's down projection) and
+        "attn_mix" (input of the attention's output projection)."""
+        raise NotImplementedError
+
     def parameter_roles(self) -> dict[str, str]:
         """Parameter name → role (see probes.schema.ROLES)."""
         raise NotImplementedError
@@ -70,6 +75,11 @@ class GPTAdapter(ModelAdapter):
     def branch(self, layer: int, name: str) -> tuple[nn.Module, str]:
         block = self.model.blocks[layer]
         return (block.attn_branch, "resid_pre") if name == "attn" else (block.mlp_branch, "resid_mid")
+
+    def internal_sites(self, layer: int) -> dict[str, SiteSpec]:
+        block = self.model.blocks[layer]
+        return {"mlp_hidden": SiteSpec(block.mlp_branch.proj, "input"),
+                "attn_mix": SiteSpec(block.attn_branch.attn.proj, "input")}
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model(batch[:, :-1], batch[:, 1:])

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from probes.hooks import SiteSpec, capture
-from probes.schema import BLOCK_ROLES, GLOBAL_ROLES, SITES
+from probes.schema import BLOCK_ROLES, GLOBAL_ROLES, INTERNAL_SITES, SITES
 
 OUTLIER_MULTIPLE = 6.0  # act_outlier_frac counts entries with |x| > 6 × RMS (Gaussian: 2e-9)
 POWER_STEPS = 3  # power-iteration steps per probe step, from the previous probe step's vector
@@ -152,6 +152,31 @@ def activation_reductions(x: torch.Tensor) -> torch.Tensor:
     a = x.abs()
     outliers = torch.count_nonzero(a > OUTLIER_MULTIPLE * rms) / n
     return torch.stack([a.max(), kurtosis, outliers])
+
+
+def internal_sites(adapter) -> dict[tuple[int, str], SiteSpec]:
+    """(layer, internal site) → where, for every layer, from `adapter.internal_sites` (the shared adapter
+    contract: "mlp_hidden", the input of the MLP's down projection; "attn_mix", the input of the
+    attention's output projection); empty for an adapter without it."""
+    if not hasattr(adapter, "internal_sites"):
+        return {}
+    try:
+        return {(layer, name): spec for layer in range(adapter.depth)
+                for name, spec in adapter.internal_sites(layer).items() if name in INTERNAL_SITES}
+    except NotImplementedError:
+        return {}
+
+
+@torch.no_grad()
+def internal_statistics(inner: dict, depth: int) -> torch.Tensor | None:
+    """(layer, internal site, [abs-max, kurtosis, outlier share]) of the captured internal activations."""
+    if not inner:
+        return None
+    device = next(iter(inner.values())).device
+    nan = torch.full((3,), float("nan"), device=device)
+    return torch.stack([torch.stack([activation_reductions(inner[(layer, name)].detach())
+                                     if (layer, name) in inner else nan for name in INTERNAL_SITES])
+                        for layer in range(depth)])
 
 
 def activation_statistics(acts: dict, depth: int) -> dict[str, torch.Tensor]:
@@ -307,13 +332,18 @@ def health_statistics(ctx, full: bool = True) -> dict[str, torch.Tensor]:
         out.update(adam_statistics(adapter.model, ctx.optimizer, ctx.roles, ctx.layers, ctx.depth))
         matrices = hidden_matrices(ctx.roles, adapter.block_pattern)
         out.update(spectral_statistics(ctx.params_before, ctx.params_after, matrices, ctx.depth, ctx.state))
+    device = ctx.probe_loss.device
+    internal = ctx.extras.get("internal") if full else None
+    if internal is None:
+        internal = torch.full((ctx.depth, len(INTERNAL_SITES), 3), float("nan"), device=device)
+    out.update({"internal_absmax": internal[..., 0], "internal_kurtosis": internal[..., 1],
+                "internal_outlier_frac": internal[..., 2]})
     if full:
         out.update(activation_statistics(ctx.acts, ctx.depth))
         if adapter is not None:
             out.update(attention_statistics(adapter, ctx.acts, ctx.batch, ctx.params_before))
             ctx.state[HEADS_KEY] = torch.tensor(out["attn_max_logit"].shape[1])
     else:
-        device = ctx.probe_loss.device
         for name in ("act_absmax", "act_kurtosis", "act_outlier_frac"):
             out[name] = torch.full((ctx.depth, len(SITES)), float("nan"), device=device)
         if adapter is not None:
@@ -326,7 +356,7 @@ def health_statistics(ctx, full: bool = True) -> dict[str, torch.Tensor]:
 def health_coords(adapter) -> dict[str, list]:
     """Store coordinates of the health dims: `matrix` (local names of the hidden weights)."""
     names = list(hidden_matrices(adapter.parameter_roles(), adapter.block_pattern))
-    return {"matrix": names or ["none"]}
+    return {"matrix": names or ["none"], "internal_site": list(INTERNAL_SITES)}
 
 
 def expected_entropy_uniform(t: int) -> float:

@@ -122,7 +122,19 @@ VARIABLES: dict[str, Variable] = {
     ),
     "update_spectral_rel": Variable(("layer", "matrix"), "1", "||ΔW||₂ / ||W||₂ for the update of this step"),
     "weight_stable_rank": Variable(("layer", "matrix"), "1", "stable rank ||W||_F² / ||W||₂²"),
+    "internal_absmax": Variable(
+        ("layer", "internal_site"), "activation",
+        "max |x| inside a block (mlp_hidden, attn_mix: ModelAdapter.internal_sites)",
+    ),
+    "internal_kurtosis": Variable(("layer", "internal_site"), "1", "E[(x-µ)⁴]/Var² of the block-internal activation"),
+    "internal_outlier_frac": Variable(
+        ("layer", "internal_site"), "1", "fraction of the block-internal activation's entries with |x| > 6 × its RMS"
+    ),
 }
+
+# Block-internal sites of the adapter contract (ModelAdapter.internal_sites): the input of the MLP's down
+# projection (after the non-linearity or gating) and of the attention's output projection.
+INTERNAL_SITES: tuple[str, ...] = ("attn_mix", "mlp_hidden")
 
 STORE_NAME = "probes.zarr"
 METRICS_NAME = "metrics.jsonl"

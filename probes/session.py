@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from probes.adapters import ModelAdapter
-from probes.health import HEADS_KEY, health_statistics
+from probes.health import HEADS_KEY, health_statistics, internal_sites, internal_statistics
 from probes.hooks import capture
 from probes.linearization import LinearizationResult, branch_linearization
 from probes.schema import BRANCHES
@@ -53,7 +53,9 @@ class ProbeSession:
         was_training = model.training
         model.eval()  # no dropout (and no RNG use) in a probe forward
         try:
-            with torch.enable_grad(), capture(self.adapter.sites()) as acts:
+            full = self.health and self._full_health(step)
+            with torch.enable_grad(), capture(self.adapter.sites()) as acts, \
+                    capture(internal_sites(self.adapter) if full else {}) as inner:
                 loss = self.adapter.loss(self.batch)
                 pre = [acts[(l, "resid_pre")] for l in range(self.adapter.depth)]
                 grads = torch.autograd.grad(loss, pre) if loss.requires_grad else [torch.zeros_like(p) for p in pre]
@@ -65,7 +67,13 @@ class ProbeSession:
             "grads": [g.detach() for g in grads],
             "loss": loss.detach(),
             "before": {n: p.detach().clone() for n, p in model.named_parameters()},
+            # reduced here, at θ_t, instead of kept: the MLP hidden layer is 4× the stream's width
+            "extras": {"internal": internal_statistics(inner, self.adapter.depth)} if full else {},
         }
+
+    def _full_health(self, step: int) -> bool:
+        """Whether this step records the attention and activation statistics too (their cadence)."""
+        return step % self.health_every == 0 or HEADS_KEY not in self.stat_state
 
     def after_update(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, torch.Tensor]:
         """Measure Δθ = θ_{t+1} − θ_t: linearization error and every statistic (device tensors).
@@ -85,11 +93,11 @@ class ProbeSession:
             grads=pending["grads"], probe_loss=pending["loss"], linearization=lin,
             params_before=pending["before"], params_after=after, roles=self.roles, layers=self.layers,
             adapter=self.adapter, optimizer=optimizer, batch=self.batch, state=self.stat_state,
+            extras=pending["extras"],
         )
         values = builtin_statistics(ctx)
         if self.health:
-            full = step % self.health_every == 0 or HEADS_KEY not in self.stat_state
-            values.update(health_statistics(ctx, full=full))
+            values.update(health_statistics(ctx, full=self._full_health(step)))
         values["probe_loss"] = pending["loss"].float()
         for name, stat in USER_STATISTICS.items():
             values[name] = stat.fn(ctx)

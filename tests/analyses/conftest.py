@@ -147,6 +147,9 @@ def probe_dataset(spec: SynthRun) -> xr.Dataset:
         "weight_spectral_norm": v("weight_spectral_norm", np.full((S, L, 4), 1.5)),
         "update_spectral_rel": v("update_spectral_rel", 1e-3 * trained[:, None, None] * np.ones((S, L, 4))),
         "weight_stable_rank": v("weight_stable_rank", np.full((S, L, 4), 20.0)),
+        "internal_absmax": v("internal_absmax", np.full((S, L, 2), 5.0)),
+        "internal_kurtosis": v("internal_kurtosis", np.full((S, L, 2), 4.0)),
+        "internal_outlier_frac": v("internal_outlier_frac", np.zeros((S, L, 2))),
     }
     assert set(data) == set(schema.VARIABLES), "builder out of date with probes.schema"
     if not spec.health and spec.variables is None:
@@ -176,7 +179,8 @@ def probe_dataset(spec: SynthRun) -> xr.Dataset:
 HEALTH_VARIABLES = ("attn_max_logit", "attn_entropy", "attn_entropy_norm", "act_absmax", "act_kurtosis",
                     "act_outlier_frac", "adam_m_norm", "adam_v_norm", "adam_eps_dominance", "global_adam_m_norm",
                     "global_adam_v_norm", "global_adam_eps_dominance", "weight_spectral_norm",
-                    "update_spectral_rel", "weight_stable_rank")
+                    "update_spectral_rel", "weight_stable_rank", "internal_absmax", "internal_kurtosis",
+                    "internal_outlier_frac")
 
 
 def _loss_curve(spec: SynthRun) -> np.ndarray:

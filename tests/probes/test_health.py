@@ -109,6 +109,23 @@ def test_activation_outlier_statistics_match_numpy_on_the_probe_batch(probed):
             assert rows[step]["act_outlier_frac"][layer, j].item() == pytest.approx((np.abs(x) > 6 * rms).mean())
 
 
+def test_internal_site_statistics_match_a_hand_computed_mlp_hidden_layer(probed):
+    model, _, batch, rows, before, _ = probed
+    step = 1
+    clone, acts = _stream_at_theta(model, before[step], batch)
+    for layer, block in enumerate(clone.requires_grad_(False).blocks):
+        mlp = block.mlp_branch
+        x = acts[(layer, "resid_mid")].double()
+        h = F.layer_norm(x, (WIDTH,), mlp.ln.weight.double(), mlp.ln.bias.double(), mlp.ln.eps)
+        hidden = F.gelu(h @ mlp.fc.weight.double().T + mlp.fc.bias.double()).numpy().ravel()
+        c = hidden - hidden.mean()
+        j = 1  # INTERNAL_SITES: attn_mix, mlp_hidden
+        np.testing.assert_allclose(rows[step]["internal_absmax"][layer, j].item(), np.abs(hidden).max(), rtol=1e-5)
+        np.testing.assert_allclose(rows[step]["internal_kurtosis"][layer, j].item(),
+                                   (c**4).mean() / (c**2).mean() ** 2, rtol=1e-3)
+    assert torch.isfinite(rows[step]["internal_absmax"]).all()
+
+
 def test_adam_state_statistics_match_the_optimizer_state(probed):
     model, optimizer, _, rows, _, _ = probed
     row = rows[-1]  # after the last update, which is the state the optimizer holds now
@@ -180,3 +197,24 @@ def test_without_an_optimizer_the_adam_state_is_nan():
     values = session.after_update(0)
     assert torch.isnan(values["adam_eps_dominance"]).all()
     assert torch.isfinite(values["attn_max_logit"]).all()
+
+
+def test_attention_and_activation_statistics_follow_their_own_cadence():
+    torch.manual_seed(0)
+    param = Parameterization(name="sp", width=32, depth=2, base_width=32, d_head=16)
+    model = GPT(param, ModelConfig(seq_len=8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    session = ProbeSession(GPTAdapter(model), batch, health_every=2)
+    for step in range(4):
+        model(batch[:, :-1], batch[:, 1:]).backward()
+        session.before_update(step)
+        optimizer.step()
+        values = session.after_update(step, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        full = step % 2 == 0
+        for name in ("attn_max_logit", "attn_entropy_norm", "act_absmax", "act_kurtosis"):
+            assert torch.isfinite(values[name]).all() == full and torch.isnan(values[name]).all() != full, name
+        assert values["attn_max_logit"].shape == (2, 2)
+        for name in ("adam_v_norm", "weight_spectral_norm", "update_spectral_rel"):
+            assert torch.isfinite(values[name]).all(), name
