@@ -125,8 +125,13 @@ def attention_statistics(adapter, acts: dict, batch: torch.Tensor | None,
     elif batch is not None and hasattr(adapter.model, "set_attn_implementation"):  # a Hugging Face model
         from probes.hf_attention import recorded_attention
 
-        with _parameters_set_to(adapter.model, params), recorded_attention(adapter.model) as records:
-            adapter.loss(batch)
+        model, was_training = adapter.model, adapter.model.training
+        model.eval()  # no dropout (and no RNG use) in a probe forward
+        try:
+            with _parameters_set_to(model, params), recorded_attention(model) as records:
+                adapter.loss(batch)
+        finally:
+            model.train(was_training)
         per_layer = [records.get(layer) for layer in range(adapter.depth)]
     device = next(iter(acts.values())).device
     heads = max((r[0].numel() for r in per_layer if r is not None), default=1)
