@@ -141,6 +141,7 @@ def _summary_from(ds: xr.Dataset, res: dict) -> dict:
                                "drift": _records(tr.drift[tr.drift["param"] == p].drop(columns=["param", "alpha"]))}
                            for p in tr.optima["param"].unique()}
     out["skipped"] = dict(res["skipped"])
+    out["missing_data"] = list(ds.attrs.get("missing_data", []))  # damaged stores: see load.missing_data
     return _clean(out)
 
 
@@ -161,7 +162,9 @@ def summarize(
     lin_ratio slope vs depth with ci_low/ci_high/theory/verdict and the nonlin_to_output slope);
     depth_coord_check and width_coord_check (per variable, per label: init and trained slopes with
     trends); concentration (per label and depth); transfer (per label: optima per depth, drift);
-    skipped (analysis → why it did not run). Sections whose analysis did not run are absent.
+    skipped (analysis → why it did not run); missing_data (one line per store variable whose
+    recorded steps have chunk files missing on disk; [] when all is readable). Sections whose
+    analysis did not run are absent.
     """
     ds = _open(ds_or_paths)
     return _summary_from(ds, _analyse(ds, n_boot, seed, window))
@@ -239,6 +242,10 @@ def _markdown(ds: xr.Dataset, res: dict, figures: list[Path]) -> str:
     runs = list_runs(ds)
     lines = ["# Training-dynamics report", "", f"{len(runs)} run(s). Sweep: " + "; ".join(
         f"{d} = {_fmt(sweep_values(ds, d))}" for d in SWEEP_DIMS), ""]
+    if ds.attrs.get("missing_data"):
+        lines += ["## Warning: missing data", "", "Chunk files of these stores are missing on disk; the values "
+                  "below read as NaN and every number that uses them is computed without them:", ""]
+        lines += [f"- {line}" for line in ds.attrs["missing_data"]] + [""]
     if "laziness" in res:
         lz = res["laziness"]
         lines += ["## Laziness: linearization ratio vs depth", "",
@@ -255,7 +262,9 @@ def _markdown(ds: xr.Dataset, res: dict, figures: list[Path]) -> str:
             summ = coordcheck.slope_summary(res[key][1])
             lines += [f"## {title}: {key.split(':', 1)[1]}", "",
                       f"Log-log slope vs {kind} at initialization (step 0) and median over steps ≥ 1; "
-                      f"flat means |slope| ≤ {coordcheck.FLAT_TOLERANCE}.", "", markdown_table(summ), ""]
+                      f"flat means |slope| ≤ {coordcheck.FLAT_TOLERANCE}; 'diverged' means seeds stopped on a "
+                      "non-finite loss or recorded ±inf (n_diverged): the slope is then over the survivors only.",
+                      "", markdown_table(summ), ""]
     if "concentration" in res:
         conc = res["concentration"].groupby(["param", "depth", "width", "lr"], sort=False)[
             ["entropy_norm", "frac_layers_50", "embed_share"]].mean().reset_index()
@@ -267,7 +276,9 @@ def _markdown(ds: xr.Dataset, res: dict, figures: list[Path]) -> str:
         tr = res["transfer"]
         lines += ["## Learning-rate transfer", "", "Optimal η_base per depth (quadratic fit in log2 lr; interval "
                   "over seeds, log2 units):", "", markdown_table(tr.optima), "",
-                  "Drift: slope of log2(lr*) vs log2(depth) (0 = transfers):", "", markdown_table(tr.drift), ""]
+                  "Drift: slope of log2(lr*) vs log2(depth) (0 = transfers); depths whose optimum sits at the "
+                  "grid's edge are left out of it (edge_depths). Runs that crashed without a non-finite loss "
+                  "(no bad_step) are missing (n_missing), not diverged:", "", markdown_table(tr.drift), ""]
     lines += health.health_markdown(ds)
     if res["skipped"]:
         lines += ["## Not analysed", ""] + [f"- {k}: {v}" for k, v in res["skipped"].items()] + [""]

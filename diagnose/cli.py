@@ -32,7 +32,8 @@ def main() -> None:
 @probe_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run dir (default: runs/<param>_w<width>_d<depth>_s<seed>_<time>).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (from "
+              "checkpoint.prev.pt, saying so, when checkpoint.pt cannot be read).")
 @click.option("--report/--no-report", "make_report", default=True, help="Write figures and summary.md at the end.")
 @click.option("--quiet", is_flag=True, help="Print only the run dir.")
 @click.option("--dist-backend", type=click.Choice(["auto", "gloo", "nccl"]), default="auto", show_default=True,
@@ -138,8 +139,9 @@ def execute_run(spec, probe_cfg, out: Path, resume: bool = False, quiet: bool = 
 @click.option("--wd", type=float, default=0.1, show_default=True, help="λ_base.")
 @click.option("--eps", type=float, default=1e-12, show_default=True, help="ε_base.")
 @click.option("--sigma", type=float, default=0.02, show_default=True, help="σ_base.")
-@click.option("--eps-scope", type=click.Choice(["blocks", "all"]), default="blocks", show_default=True,
-              help="Scale Adam ε in block params only (Table 1) or everywhere (authors' code).")
+@click.option("--eps-scope", type=click.Choice(["eq40", "blocks-only", "all"]), default="eq40", show_default=True,
+              help="Adam ε outside the blocks: ε_base/m_N (eq40: paper Eq. 40, authors' fixed code), "
+                   "ε_base (blocks-only), or the block ε everywhere (all: authors' pre-fix code).")
 @click.option("--mup-variant", type=click.Choice(["table", "reference-code"]), default="table", show_default=True,
               help="µP ε/WD per Table 1, or as the authors' µP-only code mode.")
 @click.option("--attn-scale", type=click.Choice(["auto", "inv-d-head", "inv-sqrt-d-head"]), default="auto",

@@ -38,8 +38,10 @@ def _run_option_list(lists: bool) -> list[Callable]:
         click.option("--wd", type=float, default=0.0, show_default=True, help="Base AdamW weight decay λ_base."),
         click.option("--eps", type=float, default=1e-12, show_default=True, help="Base Adam ε_base."),
         click.option("--sigma", type=float, default=0.02, show_default=True, help="Base init std σ_base."),
-        click.option("--eps-scope", type=click.Choice(["blocks", "all"]), default="blocks", show_default=True,
-                     help="Scale Adam ε in block params only (Table 1) or in every group (authors' code)."),
+        click.option("--eps-scope", type=click.Choice(["eq40", "blocks-only", "all"]), default="eq40",
+                     show_default=True,
+                     help="Adam ε outside the blocks: ε_base/m_N (eq40: paper Eq. 40, authors' fixed code), "
+                          "ε_base (blocks-only), or the block ε everywhere (all: authors' pre-fix code)."),
         click.option("--mup-variant", type=click.Choice(["table", "reference-code"]), default="table",
                      show_default=True, help="µP ε/WD per Table 1, or as the authors' µP-only code mode."),
         click.option("--attn-scale", type=click.Choice(["auto", "inv-d-head", "inv-sqrt-d-head"]), default="auto",
@@ -90,8 +92,12 @@ probe_options = _stack([
     click.option("--probe-early/--no-probe-early", default=True, show_default=True,
                  help="Also probe on the log-spaced early schedule 1, 2, 4, ... below --probe-every."),
     click.option("--probe-batch", type=int, default=8, show_default=True, help="Sequences in the probe batch."),
-    click.option("--probe-dtype", type=click.Choice(["auto", "float64", "float32"]), default="auto",
-                 show_default=True, help="Linearization precision (auto: float64 on CPU, float32 on CUDA)."),
+    click.option("--probe-dtype", type=click.Choice(["auto", "float64", "float32"]), default="float64",
+                 show_default=True,
+                 help="Linearization precision, float64 on every device (auto: the same). float32: values "
+                      "under 10x their measured round-off floor are NaN, flagged in lin_below_floor (in the "
+                      "measured runs: every value at LR factors <= 0.01). Cost of float64: on a GPU not "
+                      "measured (no GPU lent); on a CPU 1.10x float32 (benchmarks/RESULTS.md)."),
     click.option("--probe-lin-batch", type=int, default=1, show_default=True,
                  help="Sequences of the probe batch used for the linearization error (0: all)."),
     click.option("--probe-flush", type=int, default=32, show_default=True,

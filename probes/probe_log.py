@@ -94,12 +94,13 @@ class ProbeLog:
         group's `initial_lr` or `lr` at the first probe step: pass the base LR for a multi-group
         optimizer); `groups`: optimizer group names for `effective_lr` (default: from the first
         optimizer passed to `update`, else "all"); `dtype`: linearization precision (None: float64
-        on a CPU, float32 on CUDA); `lin_batch_size`: probe sequences for the linearization error
+        on every device; float32 records values below its measured round-off floor as NaN, flagged in
+        `lin_below_floor`: probes/linearization.py); `lin_batch_size`: probe sequences for the linearization error
         (None: all); `append`: continue an existing store (a resumed run) instead of refusing it;
         `health`: also record the training-health statistics (probes.health); `health_every`: the
         attention and activation ones only at steps that are multiples of it (NaN in between)."""
-        if dtype is None:
-            dtype = torch.float32 if probe_batch.device.type == "cuda" else torch.float64
+        if dtype is None:  # float64 on CUDA too: float32 round-off swamps ‖nl‖ at small LR factors
+            dtype = torch.float64
         self.session = ProbeSession(adapter, probe_batch, dtype, lin_batch_size=lin_batch_size, health=health,
                                     health_every=health_every)
         self.path = Path(run_dir) / STORE_NAME

@@ -132,6 +132,20 @@ VARIABLES: dict[str, Variable] = {
     ),
 }
 
+# A float32 linearization error is recorded only where ‖nl‖ is at least this many times its measured
+# round-off floor (probes/linearization.py); below it ‖nl‖ and both ratios are NaN, flagged.
+LIN_FLOOR_MULTIPLE = 10.0
+VARIABLES["nonlin_floor"] = Variable(
+    ("layer", "branch"), "activation",
+    "measured round-off floor of ||nl|| when the linearization runs in float32: sqrt(2) ||F32(h; θ_t) - "
+    "F64(h; θ_t)||; NaN when it runs in float64 (floor ~5e8 times lower, not measured)",
+)
+VARIABLES["lin_below_floor"] = Variable(
+    ("layer", "branch"), "1",
+    f"1 where ||nl|| < {LIN_FLOOR_MULTIPLE:g} x nonlin_floor: nonlin_norm, lin_ratio and nonlin_to_output are "
+    "NaN there (round-off, not a measurement); 0 elsewhere",
+)
+
 # Block-internal sites of the adapter contract (ModelAdapter.internal_sites): the input of the MLP's down
 # projection (after the non-linearity or gating) and of the attention's output projection.
 INTERNAL_SITES: tuple[str, ...] = ("attn_mix", "mlp_hidden")

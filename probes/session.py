@@ -99,6 +99,10 @@ class ProbeSession:
         if self.health:
             values.update(health_statistics(ctx, full=self._full_health(step)))
         values["probe_loss"] = pending["loss"].float()
+        # The round-off guard of a float32 linearization (NaN floor and 0 in float64).
+        table = [[lin[(layer, b)] for b in BRANCHES] for layer in range(self.adapter.depth)]
+        values["nonlin_floor"] = torch.stack([torch.stack([r.nonlin_floor for r in row]) for row in table]).float()
+        values["lin_below_floor"] = torch.stack([torch.stack([r.below_floor for r in row]) for row in table]).float()
         for name, stat in USER_STATISTICS.items():
             values[name] = stat.fn(ctx)
         self.prev = acts
@@ -115,7 +119,8 @@ class ProbeSession:
         `params_*` map model parameter names to θ_t and θ_{t+1}; evaluated in `self.dtype`, on the first
         `self.lin_batch_size` sequences (all when None; branches act on each sequence alone). This is
         most of a probe step's cost: per branch, the JVP (primal and tangent) and F(θ + Δθ), in
-        float64 on a CPU (see benchmarks/RESULTS.md).
+        float64 by default (see benchmarks/RESULTS.md); in float32 also one float64 F(θ) for the
+        round-off floor (probes/linearization.py).
         """
         if self._branches is None:  # branch modules and their parameter names never change
             self._branches = []

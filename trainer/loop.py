@@ -5,6 +5,7 @@ Run dir (under torchrun, rank 0 writes everything; the other ranks write nothing
     metrics.jsonl    one line per step: loss, lr, grad_norm, tokens_per_s (+ val_loss when measured)
     status.json      state (running | finished | failed), last step, message
     checkpoint.pt    the latest good checkpoint (atomic), for --resume
+    checkpoint.prev.pt  the one before it: --resume falls back to it when checkpoint.pt is unreadable
 
 Data parallel (`torchrun --nproc-per-node N -m diagnose run ...`): every rank builds the same model
 (same seed), DistributedDataParallel averages the gradients, each rank takes its slice of the global
@@ -21,6 +22,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +43,7 @@ from trainer.parameterization import Parameterization
 from trainer.spikes import SpikeDetector
 
 METRICS_NAME, STATUS_NAME, CONFIG_NAME = "metrics.jsonl", "status.json", "config.json"
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "rng", "last_val_loss", "observers")
 DTYPES = ("auto", "float32", "bfloat16")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
 
@@ -220,7 +223,7 @@ class Trainer:
             "last_val_loss": self.last_val_loss,
             "observers": {o.name: o.state_dict() for o in self.observers},
         }
-        ckpt.save_atomic(state, self.run_dir / ckpt.CHECKPOINT_NAME)
+        ckpt.save_keeping_previous(state, self.run_dir / ckpt.CHECKPOINT_NAME)
         keep = self.spec.train.keep_checkpoints_every
         if keep and self.step % keep == 0:
             kept = ckpt.kept_path(self.run_dir, self.step)
@@ -228,12 +231,17 @@ class Trainer:
             ckpt.save_atomic(state, kept)
 
     def load_checkpoint(self) -> None:
-        path = self.run_dir / ckpt.CHECKPOINT_NAME
-        if not path.is_file():
-            raise ConfigError(f"cannot resume: no checkpoint at {path}")
-        state = ckpt.load(path, map_location=self.device)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        state, path, problems = ckpt.load_latest(self.run_dir, self.device, required=CHECKPOINT_KEYS)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:  # readable, but another model's checkpoint
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise ckpt.CheckpointError(f"cannot resume: {path} does not fit this run's model ({first})") from None
+        if problems and self.is_main:  # said whatever --quiet asks: the run goes back to an earlier step
+            ckpt.promote_previous(self.run_dir)
+            tqdm.write(f"warning: {'; '.join(problems)}; resuming from {path} (step {int(state['step'])}); "
+                       f"the unreadable file is kept as {ckpt.DAMAGED_NAME}", file=sys.stderr)
         ckpt.set_rng_state({k: v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v]
                             for k, v in state["rng"].items()})
         self.step = int(state["step"])

@@ -14,13 +14,18 @@ m_N = N / N_base and m_L = L / L_base:
 | branch multiplier        | 1             | 1                  | m_L^(−α)                              |
 | unembedding forward      | 1             | m_N^(−1)           | m_N^(−1)                              |
 | Adam ε (block params)    | ε             | ε·m_N^(−1)         | ε·m_N^(−1)·m_L^(−α)                   |
+| Adam ε (other, Eq. 40)   | ε             | ε·m_N^(−1)         | ε·m_N^(−1)                            |
 
 Rows the table does not give, and what we do (see the spec, §1):
 - LayerNorm gains start at 1 and biases at 0 (the table's "σ²_base" for Pre-LN is read as the
   reference code does); their "init std" is reported as 0.
 - Weight decay is 0 for norms and biases; embeddings and unembedding get λ (reference code).
-- Adam ε outside the blocks: ε_base (Table 1 scopes the rule to residual blocks). `eps_scope="all"`
-  applies the block ε to every group, as the authors' code does.
+- Adam ε outside the blocks (embeddings, unembedding, final LN): ε_base·m_N^(−1), the paper's Eq. 40
+  (no depth factor; ε_base for SP and for the µP reference-code variant, which scale no ε with width).
+  This is also what the authors' code does since their dated fix on branch `completep` (spec §1).
+  `eps_scope="blocks-only"` keeps ε_base unscaled outside the blocks (this toolkit's earlier default,
+  Table 1 read literally); `eps_scope="all"` applies the block ε to every group, as the authors' code
+  did before that fix.
 - Attention logit scale: 1/d_head for µP and α, 1/sqrt(d_head) for SP (reference code).
 - `mup_variant="reference-code"` reproduces the authors' µP-only mode: ε not scaled with width and
   hidden WD left at λ (both depart from Table 1's µP column).
@@ -39,7 +44,9 @@ from trainer.errors import ConfigError
 PARAMETERIZATIONS = ("sp", "mup", "alpha")
 # Named presets that resolve to (parameterization, α).
 ALIASES = {"depth-mup": ("alpha", 0.5), "completep": ("alpha", 1.0)}
-EPS_SCOPES = ("blocks", "all")
+EPS_SCOPES = ("eq40", "blocks-only", "all")
+# Stored configs written before Eq. 40 became the default say "blocks" for what is now "blocks-only".
+LEGACY_EPS_SCOPES = {"blocks": "blocks-only"}
 MUP_VARIANTS = ("table", "reference-code")
 ATTN_SCALES = ("auto", "inv-d-head", "inv-sqrt-d-head")
 
@@ -93,11 +100,13 @@ class Parameterization:
     wd_base: float = 0.0  # λ_base (AdamW, PyTorch form)
     eps_base: float = 1e-12  # ε_base
     d_head: int = 64  # attention head size (fixed; width grows by adding heads)
-    eps_scope: str = "blocks"  # blocks (Table 1) | all (authors' code)
+    eps_scope: str = "eq40"  # eq40 (Table 1 + Eq. 40) | blocks-only (ε_base outside blocks) | all (pre-fix code)
     mup_variant: str = "table"  # table | reference-code (µP: ε and WD not width-scaled)
     attn_scale: str = "auto"  # auto | inv-d-head | inv-sqrt-d-head
 
     def __post_init__(self) -> None:
+        if self.eps_scope in LEGACY_EPS_SCOPES:  # frozen: normalise an old name before validating
+            object.__setattr__(self, "eps_scope", LEGACY_EPS_SCOPES[self.eps_scope])
         validate(self)
 
     # --- multipliers -------------------------------------------------------------------------------
@@ -137,11 +146,21 @@ class Parameterization:
     def _depth_lr(self) -> float:
         return self.m_l ** (self.alpha - 1.0) if self.uses_depth else 1.0
 
-    def _block_eps(self) -> float:
+    def _width_eps(self) -> float:
+        """ε_base·m_N^(−1) (Eq. 40), or ε_base where no ε is width-scaled (SP, µP reference-code)."""
         if self.name == "sp" or (self.name == "mup" and self.mup_variant == "reference-code"):
             return self.eps_base
-        eps = self.eps_base / self.m_n
+        return self.eps_base / self.m_n
+
+    def _block_eps(self) -> float:
+        eps = self._width_eps()
         return eps * self.m_l**-self.alpha if self.uses_depth else eps
+
+    def _other_eps(self) -> float:
+        """Adam ε of the groups outside the residual blocks, per `eps_scope`."""
+        if self.eps_scope == "all":
+            return self._block_eps()
+        return self.eps_base if self.eps_scope == "blocks-only" else self._width_eps()
 
     # --- Table 1 ---------------------------------------------------------------------------------
     def rule(self, role: Role) -> RoleRule:
@@ -149,7 +168,7 @@ class Parameterization:
         sigma, m_n, eta, lam = self.sigma_base, self.m_n, self.lr_base, self.wd_base
         width_scaled = self.name != "sp"
         block_eps = self._block_eps()
-        other_eps = block_eps if self.eps_scope == "all" else self.eps_base
+        other_eps = self._other_eps()
         if role in (Role.EMBEDDING, Role.POSITION_EMBEDDING, Role.UNEMBEDDING):
             init, std, lr_mult, wd, eps = "normal", sigma, 1.0, lam, other_eps
         elif role is Role.FINAL_NORM:

@@ -41,7 +41,8 @@ class SynthRun:
     lin_scale: float = 1e-2  # lin_ratio at depth 2
     step0_factor: float = 100.0  # lin_ratio at step 0 is off-law by this factor (the default window skips it)
     depth_exponent: tuple[float, float] = (0.0, 0.0)  # final_abs_mean ∝ depth^e at step 0 / at steps ≥ 1
-    width_exponent: float = 0.0  # act_rms, delta0_rms, update_rms ∝ width^e
+    width_exponent: float = 0.0  # act_rms, delta0_rms ∝ width^e
+    update_width_exponent: tuple[float, ...] = (0.0, 0.0, 0.0)  # update_rms ∝ width^e per schema.BLOCK_ROLES
     share_decay: float = 0.0  # final_update_share of layer l ∝ exp(-share_decay * l)
     embed_share: float = 0.1  # the embedding's share of the final-stream update
     noise: float = 0.02  # σ of the log-normal noise on each recorded element
@@ -120,7 +121,8 @@ def probe_dataset(spec: SynthRun) -> xr.Dataset:
         "final_update_share": v("final_update_share", share_t),
         "grad_rms": v("grad_rms", np.full((S, L), 1e-3)),
         "update_rel": v("update_rel", 1e-3 * trained[:, None, None] * np.ones((S, L, n_role))),
-        "update_rms": v("update_rms", 1e-4 * wfac * run_factor * lognoise(S, L, n_role)),
+        "update_rms": v("update_rms", 1e-4 * np.power(float(spec.width), spec.update_width_exponent)[None, None, :]
+                        * run_factor * lognoise(S, L, n_role)),
         "global_update_rel": v("global_update_rel", np.full((S, n_grole), 1e-3)),
         "global_update_rms": v("global_update_rms", np.full((S, n_grole), 1e-4)),
         "effective_lr": v("effective_lr", np.full((S, len(GROUPS)), spec.lr)),
@@ -131,6 +133,8 @@ def probe_dataset(spec: SynthRun) -> xr.Dataset:
         "probe_loss": v("probe_loss", loss_t),
         "train_loss": v("train_loss", loss_t),
         "val_loss": v("val_loss", loss_t),
+        "nonlin_floor": v("nonlin_floor", np.full((S, L, 2), np.nan)),  # float64 runs: floor not measured
+        "lin_below_floor": v("lin_below_floor", np.zeros((S, L, 2))),
         # training health (probes.health): deterministic placeholders, no draws from the run's rng
         "attn_max_logit": v("attn_max_logit", np.ones((S, L, 2)) * (1 + 0.1 * np.arange(L))[None, :, None]),
         "attn_entropy": v("attn_entropy", np.full((S, L, 2), 2.0)),
@@ -223,7 +227,10 @@ def write_run(path: str | Path, spec: SynthRun) -> Path:
             f.write(json.dumps({"step": spec.train_steps, "val_loss": float(loss[-1])}) + "\n")
     (path / schema.CONFIG_NAME).write_text(ds.attrs["config"])
     state = "failed" if diverged else "finished"
-    (path / schema.STATUS_NAME).write_text(json.dumps({"state": state, "step": len(loss)}))
+    status = {"state": state, "step": len(loss)}
+    if diverged:  # as the trainer's NaN stop writes it: the step whose loss was non-finite
+        status["bad_step"] = int(np.flatnonzero(~np.isfinite(loss))[0])
+    (path / schema.STATUS_NAME).write_text(json.dumps(status))
     return path
 
 
@@ -261,12 +268,16 @@ def depth_specs(seeds=(0, 1, 2)) -> list[SynthRun]:
 
 WIDTHS = (64, 128, 256)
 WIDTH_EXPONENT = {"mup": 0.0, "sp": 0.5}
+# update_rms ∝ width^e per block role in schema.BLOCK_ROLES order (block_norm, hidden_weight, hidden_bias),
+# from Table 1: Adam moves each entry by about its LR, and only µP's hidden-weight LR scales with width
+# (η_base · m_N^-1).
+UPDATE_WIDTH_EXPONENT = {"mup": (0.0, -1.0, 0.0), "sp": (0.0, 0.0, 0.0)}
 
 
 def width_specs() -> list[SynthRun]:
     return [
-        SynthRun(param=p, depth=2, width=w, seed=s, width_exponent=e, steps=(0, 1, 2, 4), blocks=1,
-                 variables=WIDTH_VARIABLES)
+        SynthRun(param=p, depth=2, width=w, seed=s, width_exponent=e, update_width_exponent=UPDATE_WIDTH_EXPONENT[p],
+                 steps=(0, 1, 2, 4), blocks=1, variables=WIDTH_VARIABLES)
         for p, e in WIDTH_EXPONENT.items()
         for w in WIDTHS
         for s in (0, 1)

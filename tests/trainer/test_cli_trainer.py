@@ -43,17 +43,19 @@ def diagnose(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.Com
 
 
 def table1_expectations(m_n: float, m_l: float, a: float, sigma=0.02, eta=2**-8, lam=0.1, eps=1e-12) -> dict:
-    """CompleteP-family column of Table 1 (spec §1), by hand: role -> (init std, lr, wd, eps)."""
+    """CompleteP-family column of Table 1 (spec §1) and Eq. 40 for ε outside the blocks, by hand:
+    role -> (init std, lr, wd, eps)."""
     depth_lr = m_l ** (a - 1)
     block_eps = eps / m_n * m_l**-a
+    other_eps = eps / m_n
     return {
-        "embedding": (sigma, eta, lam, eps),
-        "position_embedding": (sigma, eta, lam, eps),
+        "embedding": (sigma, eta, lam, other_eps),
+        "position_embedding": (sigma, eta, lam, other_eps),
         "block_norm": (0.0, eta * depth_lr, 0.0, block_eps),
         "hidden_weight": (sigma / math.sqrt(m_n), eta / m_n * depth_lr, lam * m_n, block_eps),
         "hidden_bias": (0.0, eta * depth_lr, 0.0, block_eps),
-        "final_norm": (0.0, eta, 0.0, eps),
-        "unembedding": (sigma, eta, lam, eps),
+        "final_norm": (0.0, eta, 0.0, other_eps),
+        "unembedding": (sigma, eta, lam, other_eps),
     }
 
 
@@ -76,10 +78,11 @@ def test_audit_json_matches_table1(tmp_path):
         assert row["init_std"] == pytest.approx(std, rel=1e-12), role
         assert row["lr"] == pytest.approx(lr, rel=1e-12), role
         assert row["weight_decay"] == pytest.approx(wd, rel=1e-12), role
-        assert row["eps"] == pytest.approx(eps, rel=1e-12), role
+        # abs=0: pytest.approx's default absolute tolerance (1e-12) would accept any ε of this size.
+        assert row["eps"] == pytest.approx(eps, rel=1e-12, abs=0), role
         # What the built model/optimizer have: the same numbers (and the measured std near the rule).
         assert row["measured_lr"] == pytest.approx(lr, rel=1e-12), role
-        assert row["measured_eps"] == pytest.approx(eps, rel=1e-12), role
+        assert row["measured_eps"] == pytest.approx(eps, rel=1e-12, abs=0), role
         if std > 0:
             assert row["measured_init_std"] == pytest.approx(std, rel=0.05), role
         assert row["branch_multiplier"] == pytest.approx(m_l**-a, rel=1e-12)

@@ -33,28 +33,29 @@ def table1(name: str, m_n: float, m_l: float, a: float) -> dict[Role, tuple[str,
     """Role -> (init, init std, LR, weight decay, Adam ε), straight from Table 1 and its notes (§1).
 
     Not in the table, taken from the spec's notes: LN gains 1 / biases 0 (std reported as 0), WD 0 for
-    norms and biases, embeddings/unembedding WD λ, and ε_base outside the residual blocks.
+    norms and biases, embeddings/unembedding WD λ, and outside the residual blocks Adam ε_base·m_N^(−1)
+    (the paper's Eq. 40; ε_base for SP, which scales no ε).
     """
     if name == "sp":
         hidden_std, hidden_lr, bias_lr, ln_lr = SIGMA, ETA, ETA, ETA
-        hidden_wd, block_eps = LAM, EPS
+        hidden_wd, block_eps, other_eps = LAM, EPS, EPS
     elif name == "mup":
         hidden_std = math.sqrt(SIGMA**2 * m_n**-1)  # variance σ²·m_N^(−1)
         hidden_lr, bias_lr, ln_lr = ETA * m_n**-1, ETA, ETA
-        hidden_wd, block_eps = LAM * m_n, EPS * m_n**-1
+        hidden_wd, block_eps, other_eps = LAM * m_n, EPS * m_n**-1, EPS * m_n**-1
     else:  # α-parameterization
         hidden_std = math.sqrt(SIGMA**2 * m_n**-1)
         hidden_lr = ETA * m_n**-1 * m_l ** (a - 1)
         bias_lr = ln_lr = ETA * m_l ** (a - 1)
-        hidden_wd, block_eps = LAM * m_n, EPS * m_n**-1 * m_l**-a
+        hidden_wd, block_eps, other_eps = LAM * m_n, EPS * m_n**-1 * m_l**-a, EPS * m_n**-1
     return {
-        Role.EMBEDDING: ("normal", SIGMA, ETA, LAM, EPS),
-        Role.POSITION_EMBEDDING: ("normal", SIGMA, ETA, LAM, EPS),
+        Role.EMBEDDING: ("normal", SIGMA, ETA, LAM, other_eps),
+        Role.POSITION_EMBEDDING: ("normal", SIGMA, ETA, LAM, other_eps),
         Role.BLOCK_NORM: ("ones", 0.0, ln_lr, 0.0, block_eps),
         Role.HIDDEN_WEIGHT: ("normal", hidden_std, hidden_lr, hidden_wd, block_eps),
         Role.HIDDEN_BIAS: ("zeros", 0.0, bias_lr, 0.0, block_eps),
-        Role.FINAL_NORM: ("ones", 0.0, ETA, 0.0, EPS),
-        Role.UNEMBEDDING: ("normal", SIGMA, ETA, LAM, EPS),
+        Role.FINAL_NORM: ("ones", 0.0, ETA, 0.0, other_eps),
+        Role.UNEMBEDDING: ("normal", SIGMA, ETA, LAM, other_eps),
     }
 
 
@@ -140,9 +141,33 @@ def test_eps_scope_all_applies_block_eps_everywhere(name):
             assert math.isclose(everywhere.rule(role).eps, block_eps, rel_tol=1e-12), (name, role)
             t, e = table.rule(role), everywhere.rule(role)
             assert (t.init, t.init_std, t.lr, t.weight_decay) == (e.init, e.init_std, e.lr, e.weight_decay)
-        # The non-block roles really change whenever the block ε is scaled.
-        if block_eps != EPS:
+        # The non-block roles really change whenever the block ε carries a depth factor.
+        if not math.isclose(block_eps, table1(name, m_n, m_l, a)[Role.EMBEDDING][4], rel_tol=1e-12):
             assert everywhere.rule(Role.EMBEDDING).eps != table.rule(Role.EMBEDDING).eps
+
+
+@pytest.mark.parametrize("name", ["sp", "mup", "alpha"])
+def test_eps_scope_blocks_only_keeps_eps_base_outside_the_blocks(name):
+    # The earlier default (Table 1 read literally): ε_base unscaled outside the blocks, blocks unchanged.
+    for m_n, m_l, a in GRID:
+        eq40, literal = make(name, m_n, m_l, a), make(name, m_n, m_l, a, eps_scope="blocks-only")
+        for role in Role:
+            expected = eq40.rule(role).eps if role.in_block else EPS
+            assert math.isclose(literal.rule(role).eps, expected, rel_tol=1e-12), (name, role)
+
+
+def test_eq40_eps_outside_the_blocks_at_a_known_shape():
+    # Independent numbers (spec §1, Eq. 40): width 1024 = 4·256, depth 64 = 32·2, α = 1, ε_base 1e-12.
+    p = Parameterization(name="alpha", alpha=1.0, width=1024, depth=64, eps_base=1e-12)
+    for role in (Role.EMBEDDING, Role.POSITION_EMBEDDING, Role.UNEMBEDDING, Role.FINAL_NORM):
+        assert math.isclose(p.rule(role).eps, 2.5e-13, rel_tol=1e-12), role
+    for role in (Role.BLOCK_NORM, Role.HIDDEN_WEIGHT, Role.HIDDEN_BIAS):
+        assert math.isclose(p.rule(role).eps, 2.5e-13 / 32, rel_tol=1e-12), role
+
+
+def test_legacy_eps_scope_name_reads_as_blocks_only():
+    # config.json files written before Eq. 40 became the default say "blocks"; a resume keeps their ε.
+    assert Parameterization(eps_scope="blocks").eps_scope == "blocks-only"
 
 
 def test_mup_reference_code_variant():
