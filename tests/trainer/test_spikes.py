@@ -76,6 +76,10 @@ def test_an_injected_lr_spike_is_detected_replayed_bitwise_and_explained(tmp_pat
     sparse = xr.open_zarr(run / "probes.zarr").load()
     common = sorted(set(dense.step.values) & set(sparse.step.values))
     assert common == [20]
-    for name in ("act_rms", "attn_max_logit", "adam_eps_dominance", "weight_spectral_norm", "lin_ratio"):
+    for name in ("act_rms", "attn_max_logit", "adam_eps_dominance", "lin_ratio", "internal_kurtosis"):
         np.testing.assert_array_equal(dense[name].sel(step=common).values, sparse[name].sel(step=common).values,
                                       err_msg=name)
+    # The power iteration is warm-started from the previous probe step, which differs between a dense
+    # and a sparse schedule: the same estimate, not the same bits.
+    np.testing.assert_allclose(dense["weight_spectral_norm"].sel(step=common).values,
+                               sparse["weight_spectral_norm"].sel(step=common).values, rtol=0.03)
