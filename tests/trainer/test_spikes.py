@@ -83,3 +83,15 @@ def test_an_injected_lr_spike_is_detected_replayed_bitwise_and_explained(tmp_pat
     # and a sparse schedule: the same estimate, not the same bits.
     np.testing.assert_allclose(dense["weight_spectral_norm"].sel(step=common).values,
                                sparse["weight_spectral_norm"].sel(step=common).values, rtol=0.03)
+
+
+def test_bad_replay_and_spike_options_are_one_line(tmp_path):
+    proc = _diagnose("replay", str(tmp_path), "--step", "3", cwd=tmp_path)
+    assert proc.returncode != 0 and "is not a run dir (no config.json)" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = _diagnose("run", "--debug-lr-spike", "twenty", "--out", str(tmp_path / "r"), cwd=tmp_path)
+    assert proc.returncode != 0 and "must be STEP:FACTOR" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _diagnose("run", "--keep-checkpoints-every", "30", "--checkpoint-every", "20", "--out",
+                     str(tmp_path / "r"), cwd=tmp_path)
+    assert proc.returncode != 0 and "multiple of checkpoint_every=20" in proc.stderr
+    assert not (tmp_path / "r").exists()
