@@ -80,7 +80,7 @@ def run(bench: BenchConfig, repeats: int, run_dir: Path) -> dict:
     after = {n: p.detach().clone() for n, p in model.named_parameters()}
     roles = adapter.parameter_roles()
     layers = {n: adapter.layer_of(n) for n in roles}
-    matrices = health.hidden_matrices(roles, adapter.block_pattern)
+    matrices = health.hidden_matrices(roles, health.block_pattern(adapter))
     state: dict = {}
     health.spectral_statistics(before, after, matrices, depth, state)  # warm: the cadence of a run
     groups = {

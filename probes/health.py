@@ -270,6 +270,12 @@ def adam_statistics(model: nn.Module, optimizer: torch.optim.Optimizer | None, r
 
 
 # --- spectra -------------------------------------------------------------------------------------------
+def block_pattern(adapter) -> str:
+    """The regex whose group 1 is a parameter name's block index: the adapter's, else the first
+    numeric component of the name (`model.layers.3.` → 3)."""
+    return getattr(adapter, "block_pattern", r"(?:^|\.)(\d+)\.")
+
+
 def hidden_matrices(roles: dict[str, str], block_pattern: str) -> dict[str, list[tuple[int, str]]]:
     """Local name inside a block (e.g. "attn_branch.attn.qkv.weight") → [(layer, parameter name)],
     for the hidden weights; the local names are the store's `matrix` coordinate."""
@@ -335,7 +341,7 @@ def health_statistics(ctx, full: bool = True) -> dict[str, torch.Tensor]:
     out = {}
     if adapter is not None:
         out.update(adam_statistics(adapter.model, ctx.optimizer, ctx.roles, ctx.layers, ctx.depth))
-        matrices = hidden_matrices(ctx.roles, adapter.block_pattern)
+        matrices = hidden_matrices(ctx.roles, block_pattern(adapter))
         out.update(spectral_statistics(ctx.params_before, ctx.params_after, matrices, ctx.depth, ctx.state))
     device = ctx.probe_loss.device
     internal = ctx.extras.get("internal") if full else None
@@ -360,7 +366,7 @@ def health_statistics(ctx, full: bool = True) -> dict[str, torch.Tensor]:
 
 def health_coords(adapter) -> dict[str, list]:
     """Store coordinates of the health dims: `matrix` (local names of the hidden weights)."""
-    names = list(hidden_matrices(adapter.parameter_roles(), adapter.block_pattern))
+    names = list(hidden_matrices(adapter.parameter_roles(), block_pattern(adapter)))
     return {"matrix": names or ["none"], "internal_site": list(INTERNAL_SITES)}
 
 
