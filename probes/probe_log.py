@@ -184,6 +184,8 @@ class ProbeLog:
             extra = {name: stat.dims for name, stat in USER_STATISTICS.items()}
             coords = coords_for(self.session.adapter.depth, self.groups or ["all"])
             coords.update(health_coords(self.session.adapter))
+            if self._buffer and "attn_max_logit" in self._buffer[0][1]:  # heads per layer, as measured
+                coords["head"] = list(range(self._buffer[0][1]["attn_max_logit"].shape[1]))
             self._store = RecordStore(self.path, coords, self.attrs, extra)
         return self._store
 

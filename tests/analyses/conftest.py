@@ -164,6 +164,8 @@ def probe_dataset(spec: SynthRun) -> xr.Dataset:
         data = {k: data[k] for k in spec.variables}
         used = {d for dims, _ in data.values() for d in dims}
         coords = {k: v for k, v in coords.items() if k in used}
+    if any("head" in dims for dims, _ in data.values()):
+        coords["head"] = [0, 1]  # the recorder labels heads 0..H-1
     alpha = spec.alpha if spec.param == "alpha" else math.nan
     config = {"model": {"width": spec.width, "depth": spec.depth}, "param": spec.param, "alpha": alpha, "lr": spec.lr}
     attrs = {
