@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from analyses import coordcheck, health, laziness, profile, stats, transfer
+from analyses import coordcheck, health, laziness, laziness_measures, profile, run_laziness, stats, transfer
 from analyses.load import (
     SWEEP_DIMS,
     AnalysisError,
@@ -49,7 +49,10 @@ def _analyse(ds: xr.Dataset, n_boot: int, seed: int, window: tuple[int | None, i
 
     depths, widths = sweep_values(ds, "depth"), sweep_values(ds, "width")
     if len(depths) < 2:
-        res["skipped"]["laziness and depth coordinate check"] = f"the sweep has one depth ({depths[0]})"
+        res["skipped"]["laziness and depth coordinate check"] = (
+            f"the sweep has one depth ({depths[0]}); see 'Laziness in this run' for the per-layer measures")
+        if len(list_runs(ds)) == 1:
+            res["single_run"] = True
     else:
         if "lin_ratio" in ds:
             attempt("laziness", lambda: laziness.laziness(ds, window=window, n_boot=n_boot, seed=seed))
@@ -215,6 +218,14 @@ def _figures(ds: xr.Dataset, res: dict, out_dir: Path, dpi: int) -> list[Path]:
                 tables[f"{param}, L={r['depth']}: mlp_add"] = profile.layer_step_table(cell, component="mlp_add")
         if any((t.to_numpy() > 0).any() for t in tables.values()):  # all zero before the first update
             made["feature_updates_heatmap.png"] = figures.update_heatmap_figure(tables)
+    if "laziness" in res:  # the laziness measures side by side (analyses.laziness_measures)
+        tables = laziness_measures.measure_tables(ds)
+        if len(tables) > 1:
+            made["laziness_measures_vs_depth.png"] = laziness_measures.measures_figure(tables)
+    if res.get("single_run"):
+        tables = run_laziness.layer_step_tables(ds)
+        if tables and any(t.size for per in tables.values() for t in per.values()):
+            made["laziness_by_layer.png"] = run_laziness.laziness_heatmap_figure(tables)
     paths = []
     for name, fig in made.items():
         fig.savefig(out_dir / name, dpi=dpi)
@@ -279,6 +290,8 @@ def _markdown(ds: xr.Dataset, res: dict, figures: list[Path]) -> str:
                   "Drift: slope of log2(lr*) vs log2(depth) (0 = transfers); depths whose optimum sits at the "
                   "grid's edge are left out of it (edge_depths). Runs that crashed without a non-finite loss "
                   "(no bad_step) are missing (n_missing), not diverged:", "", markdown_table(tr.drift), ""]
+    if res.get("single_run"):
+        lines += run_laziness.summary_lines(ds)
     lines += health.health_markdown(ds)
     if res["skipped"]:
         lines += ["## Not analysed", ""] + [f"- {k}: {v}" for k, v in res["skipped"].items()] + [""]

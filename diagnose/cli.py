@@ -120,6 +120,11 @@ def execute_run(spec, probe_cfg, out: Path, resume: bool = False, quiet: bool = 
         recorder = ProbeRecorder(probe_cfg, out, spec)
         observers.append(recorder)
         extra["probes"] = probe_cfg.to_dict()
+        from probes.linearized_model import LinearizedModelRecorder, lin_steps
+
+        lin = lin_steps(spec.train.steps, probe_cfg.linearized)
+        if lin:
+            observers.append(LinearizedModelRecorder(out, lin, seed=probe_cfg.seed))
     trainer = Trainer(spec, out, observers=observers, extra_config=extra, quiet=quiet)
     trainer.extra_config["world_size"] = trainer.world  # config.json: how many processes trained it
     trainer.extra_config["torch_threads"] = torch.get_num_threads()  # ... and with how many CPU threads each
@@ -183,6 +188,11 @@ main.add_command(compare)
 main.add_command(check)
 
 main.add_command(sweep)
+
+from diagnose.conform import conform, linearize  # noqa: E402  (appended: conformance and the linearized model)
+
+main.add_command(conform)
+main.add_command(linearize)
 
 
 @main.command()

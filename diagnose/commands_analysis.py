@@ -30,16 +30,20 @@ def _missing_data_as_lines():
 
     from analyses.load import MissingDataWarning
 
-    with warnings.catch_warnings(record=True) as caught:
+    # Only MissingDataWarning is rerouted, as it is raised: recording every warning (record=True)
+    # kept numpy's per-call RuntimeWarnings on NaN records too and made a damaged report crawl.
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
         warnings.simplefilter("always", MissingDataWarning)
-        try:
-            yield
-        finally:
-            for w in caught:
-                if issubclass(w.category, MissingDataWarning):
-                    click.echo(f"warning: {w.message}", err=True)
-                else:
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, MissingDataWarning):
+                click.echo(f"warning: {message}", err=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 @contextlib.contextmanager

@@ -75,6 +75,12 @@ def _run_option_list(lists: bool) -> list[Callable]:
         click.option("--token-dtype", type=click.Choice(["", "uint16", "uint32"]), default="",
                      help="Token file dtype."),
         click.option("--vocab-size", type=int, default=256, show_default=True, help="Vocabulary (256 for bytes)."),
+        click.option("--ablate", default="", show_default=False,
+                     help="DEBUG: break Table 1 on purpose (comma-separated: no-depth-lr, no-branch-multiplier, "
+                          "global-eps, sp-init), to see `diagnose conform` catch it."),
+        click.option("--dist", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
+                     help="Several processes (torchrun, Slurm): ddp keeps the whole model on each; fsdp (FSDP2) "
+                          "shards parameters, gradients and optimizer state (docs/SCALE_OUT.md)."),
         click.option("--keep-checkpoints-every", type=int, default=0, show_default=True,
                      help="Also keep every K-th step's checkpoint (for `diagnose replay`; 0: only the latest)."),
         click.option("--debug-lr-spike", default="", metavar="STEP:FACTOR",
@@ -104,6 +110,11 @@ probe_options = _stack([
                  help="Probe steps buffered before each append to the store."),
     click.option("--probe-flush-seconds", type=float, default=60.0, show_default=True,
                  help="Append sooner once this many seconds have passed since the last append."),
+    click.option("--probe-linearized", type=click.IntRange(min=0), default=4, show_default=True,
+                 help="Log-spaced steps (ending at the last) at which the block-linearized model's loss is "
+                      "measured (0: off)."),
+    click.option("--probe-feature-batch", type=click.IntRange(min=0), default=2, show_default=True,
+                 help="Sequences of the probe batch used for the feature change since init (0: all)."),
     click.option("--probe-health/--no-probe-health", default=True, show_default=True,
                  help="Also record the training-health statistics (attention, outliers, Adam state, spectra)."),
     click.option("--probe-health-every", type=int, default=100, show_default=True,
@@ -130,7 +141,7 @@ def build_spec(opts: dict[str, Any]):
         name=name, alpha=alpha, width=opts["width"], depth=opts["depth"], base_width=opts["base_width"],
         base_depth=opts["base_depth"], sigma_base=opts["sigma"], lr_base=opts["lr"], wd_base=opts["wd"],
         eps_base=opts["eps"], d_head=opts["head_size"], eps_scope=opts["eps_scope"],
-        mup_variant=opts["mup_variant"], attn_scale=opts["attn_scale"],
+        mup_variant=opts["mup_variant"], attn_scale=opts["attn_scale"], ablate=opts.get("ablate", ""),
     )
     model = ModelConfig(seq_len=opts["seq_len"], vocab_size=opts["vocab_size"], tie_embeddings=opts["tie_embeddings"])
     data = DataConfig(source=opts["data"], token_dtype=opts["token_dtype"], vocab_size=opts["vocab_size"])
@@ -141,6 +152,7 @@ def build_spec(opts: dict[str, Any]):
         eval_batch_size=opts["eval_batch_size"],
         checkpoint_every=opts["checkpoint_every"], log_every=opts["log_every"],
         seed=opts["seed"], device=opts["device"], dtype=opts["dtype"], compile=opts["compile_"],
+        dist=opts["dist"],
         keep_checkpoints_every=opts.get("keep_checkpoints_every", 0),
         **_lr_spike(opts.get("debug_lr_spike", "")),
     )
@@ -150,6 +162,8 @@ def build_spec(opts: dict[str, Any]):
         probes = ProbeConfig(every=opts["probe_every"], early=opts["probe_early"], batch_size=opts["probe_batch"],
                              dtype=opts["probe_dtype"], lin_batch_size=opts["probe_lin_batch"],
                              flush_every=opts["probe_flush"], flush_seconds=opts["probe_flush_seconds"],
+                             linearized=opts.get("probe_linearized", 4),
+                             feature_batch_size=opts.get("probe_feature_batch", 2),
                              health=opts.get("probe_health", True),
                              health_every=opts.get("probe_health_every", 100))
     return RunSpec(param=param, model=model, data=data, train=train), probes

@@ -72,11 +72,14 @@ def attention_reductions(logits: torch.Tensor, allowed: torch.Tensor | None = No
     return max_logit, entropy.mean(dim=(0, 2)), norm_mean
 
 
-def attention_hook_sites(branch: nn.Module) -> dict[str, SiteSpec]:
-    """The `attn_logits` and `attn_probs` sites of an attention branch that exposes them (the built-in
-    GPT's math path)."""
-    return {name.rsplit(".", 1)[-1]: SiteSpec(m) for name, m in branch.named_modules()
-            if name.endswith(("hooks.attn_logits", "hooks.attn_probs"))}
+def attention_sites(adapter, layer: int) -> dict[str, SiteSpec]:
+    """The `attn_logits` and `attn_probs` sites of block `layer`, where the adapter's `internal_sites`
+    exposes them (the built-in GPT, on its math attention path); empty otherwise."""
+    try:
+        sites = adapter.internal_sites(layer)
+    except (NotImplementedError, AttributeError):
+        return {}
+    return {name: spec for name, spec in sites.items() if name in ("attn_logits", "attn_probs")}
 
 
 @contextmanager
@@ -114,12 +117,13 @@ def attention_statistics(adapter, acts: dict, batch: torch.Tensor | None,
     """
     per_layer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
     branches = [adapter.branch(layer, "attn") for layer in range(adapter.depth)]
-    if all("attn_logits" in attention_hook_sites(b) for b, _ in branches):
+    sites = [attention_sites(adapter, layer) for layer in range(adapter.depth)]
+    if all("attn_logits" in found for found in sites):
         global_names = {id(p): n for n, p in adapter.model.named_parameters()}
         with _math_attention(adapter):
             for layer, (branch, input_site) in enumerate(branches):
                 local = {k: params[global_names[id(p)]] for k, p in branch.named_parameters()}
-                with capture(attention_hook_sites(branch)) as found:
+                with capture(sites[layer]) as found:
                     torch.func.functional_call(branch, local, (acts[(layer, input_site)],))
                 per_layer.append(attention_reductions(found["attn_logits"], probs=found.get("attn_probs")))
     elif batch is not None and hasattr(adapter.model, "set_attn_implementation"):  # a Hugging Face model

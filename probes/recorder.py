@@ -4,7 +4,8 @@ Schedule: step 0, a log-spaced early schedule (1, 2, 4, 8, ... below `every`, si
 most), every `every` steps, and the last step. Buffering, the single host transfer per probe step and
 the appends to `<run_dir>/probes.zarr` are `ProbeLog`'s; the trainer's checkpoints also flush, so a
 resume finds every probe step before its checkpoint on disk. Probes run on rank 0 only, on the eager
-module behind any DDP or compile wrapper.
+module behind any DDP or compile wrapper; under FSDP2 on every rank (a forward is a collective), and
+rank 0 alone records.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import torch
 
 from probes.adapters import GPTAdapter
 from probes.health import HEALTH_EVERY
-from probes.probe_log import FLUSH_EVERY, FLUSH_SECONDS, LIN_BATCH_SIZE, ProbeLog, group_names
+from probes.probe_log import FEATURE_BATCH_SIZE, FLUSH_EVERY, FLUSH_SECONDS, LIN_BATCH_SIZE, ProbeLog, group_names
 from probes.schema import STORE_NAME
 from probes.session import ProbeSession
 from probes.store import RecordStore
+from trainer.distributed import probes_on_every_rank
 from trainer.errors import ConfigError
 from trainer.observers import Observer
 
@@ -49,6 +51,13 @@ class ProbeConfig:
     flush_every: int = FLUSH_EVERY  # probe steps buffered before each append to the store ...
     flush_seconds: float = FLUSH_SECONDS  # ... or fewer, once this long has passed since the last append
     seed: int = 0  # which held-out windows form the probe batch
+    # Steps (log-spaced, ending at the last) at which the block-linearized model is evaluated
+    # (probes.linearized_model; float64 on a CPU, its own store); 0 = off.
+    linearized: int = 4
+    # Sequences of the probe batch (the first ones) for the feature change since θ_0
+    # (probes.feature_change); 0 = all. Two keep its cost near a fifth of a training step at k = 10
+    # (benchmarks/RESULTS.md, "Laziness measures: cost").
+    feature_batch_size: int = FEATURE_BATCH_SIZE
     health: bool = True  # also the training-health statistics (probes.health; cost: benchmarks/RESULTS.md)
     # ... of which attention and activations at probe steps that are multiples of this (and step 0):
     # every probe step would cost 0.25 of a training step per probe step, over the 10% budget at k = 10.
@@ -111,21 +120,23 @@ class ProbeRecorder(Observer):
             GPTAdapter(trainer.eager_model), batch, self.run_dir, steps=self.steps, attrs=attrs,
             groups=group_names(trainer.optimizer),
             dtype=None if self.config.dtype == "auto" else getattr(torch, self.config.dtype),  # None: float64
-            lin_batch_size=self.config.lin_batch_size or None, flush_every=self.config.flush_every,
+            lin_batch_size=self.config.lin_batch_size or None,
+            feature_batch_size=self.config.feature_batch_size or None, flush_every=self.config.flush_every,
             flush_seconds=self.config.flush_seconds, append=True,  # a resumed run continues its store
+            write=trainer.is_main,
             health=self.config.health, health_every=self.config.health_every,
         )
         if self._state:
             self.log.session.load_state_dict(self._state)
 
     def before_update(self, step: int, trainer: Trainer) -> None:
-        if not trainer.is_main:
+        if not (trainer.is_main or probes_on_every_rank(trainer.model)):
             return
         self._setup(trainer)
         self.log.before_update(step)
 
     def after_update(self, step: int, trainer: Trainer) -> None:
-        if not trainer.is_main:
+        if not (trainer.is_main or probes_on_every_rank(trainer.model)):
             return
         self.log.after_update(step, trainer.optimizer, train_loss=trainer.last_loss,
                               val_loss=trainer.last_val_loss)

@@ -155,6 +155,18 @@ def probe_dataset(spec: SynthRun) -> xr.Dataset:
         "internal_kurtosis": v("internal_kurtosis", np.full((S, L, 2), 4.0)),
         "internal_outlier_frac": v("internal_outlier_frac", np.zeros((S, L, 2))),
     }
+    # Feature change since θ_0 (first order, like lin_ratio) and 1 − CKA (second order); no rng draws,
+    # so the values above stay what they were.
+    since = np.where(steps >= 1, 1.0, np.nan)[:, None, None] * np.ones((S, L, 2))
+    feature = 0.1 * (spec.depth / 2) ** spec.slope * run_factor * since
+    data.update({
+        "feature_change": v("feature_change", feature),
+        "feature_cka": v("feature_cka", 1 - feature**2),
+        "attn_pattern_change": v("attn_pattern_change", feature[:, :, 0]),
+    })
+    # The block-linearized model's variables live in their own store (linearized.zarr), not here.
+    expected = set(schema.VARIABLES) - set(schema.LINEARIZED_VARIABLES)
+    assert set(data) == expected, "builder out of date with probes.schema"
     assert set(data) == set(schema.VARIABLES), "builder out of date with probes.schema"
     if not spec.health and spec.variables is None:
         data = {k: v for k, v in data.items() if k not in HEALTH_VARIABLES}

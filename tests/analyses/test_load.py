@@ -45,7 +45,7 @@ def test_open_run_reads_appended_store(one_run):
     assert ds.attrs["param_label"] == "alpha=1" and ds.attrs["run_dir"] == str(one_run)
     ref = probe_dataset(SynthRun(depth=4, share_decay=0.5))
     np.testing.assert_allclose(ds["lin_ratio"].values, ref["lin_ratio"].values)
-    assert set(ds.data_vars) == set(schema.VARIABLES) - set(HEALTH_VARIABLES)  # SynthRun(health=False)
+    assert set(ds.data_vars) == set(schema.VARIABLES) - set(schema.LINEARIZED_VARIABLES) - set(HEALTH_VARIABLES)
 
 
 def test_not_a_run_errors_name_path_and_what_is_missing(tmp_path):
@@ -212,6 +212,12 @@ def test_chunks_zarr_leaves_unwritten_because_all_nan_are_not_damage(tmp_path):
     # ... unless the run is still running: an append resizes the arrays before it writes the last chunk.
     (after / schema.STATUS_NAME).write_text(json.dumps({"state": "running", "step": 5}))
     assert load.missing_data(after) == []
+    # A store that says it writes every chunk (probes.store does) gets no allowance: absent is damage.
+    marked = probe_dataset(spec)
+    marked.attrs["write_empty_chunks"] = True
+    marked = _write_blocks(tmp_path / "marked", marked, [[0], [1, 2], [3, 4, 5]])  # written here without it
+    # (the one-step chunk of the step coordinate, all zeros = its fill value, is absent too)
+    assert {m["variable"] for m in load.missing_data(marked)} == {"final_update_share", "step"}
 
 
 def test_a_corrupt_chunk_is_one_clear_error(tmp_path):
