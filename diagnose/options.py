@@ -118,7 +118,7 @@ probe_options = _stack([
     click.option("--probe-health/--no-probe-health", default=True, show_default=True,
                  help="Also record the training-health statistics (attention, outliers, Adam state, spectra)."),
     click.option("--probe-health-every", type=int, default=100, show_default=True,
-                 help="Attention and activation statistics at probe steps that are multiples of this (cost)."),
+                 help="Training-health statistics at probe steps that are multiples of this (cost; NaN between)."),
 ])
 
 

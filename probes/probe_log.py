@@ -107,7 +107,7 @@ class ProbeLog:
         (None: all); `feature_batch_size`: the same for the feature change since θ_0; `append`:
         continue an existing store (a resumed run) instead of refusing it; `write`: whether this process
         records (None: rank 0 of torch.distributed, or no process group); `health`: also record the
-        training-health statistics (probes.health); `health_every`: the attention and activation ones
+        training-health statistics (probes.health); `health_every`: all of them
         only at steps that are multiples of it (NaN in between)."""
         if dtype is None:  # float64 on CUDA too: float32 round-off swamps ‖nl‖ at small LR factors
             dtype = torch.float64

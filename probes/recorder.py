@@ -59,8 +59,8 @@ class ProbeConfig:
     # (benchmarks/RESULTS.md, "Laziness measures: cost").
     feature_batch_size: int = FEATURE_BATCH_SIZE
     health: bool = True  # also the training-health statistics (probes.health; cost: benchmarks/RESULTS.md)
-    # ... of which attention and activations at probe steps that are multiples of this (and step 0):
-    # every probe step would cost 0.25 of a training step per probe step, over the 10% budget at k = 10.
+    # ... at probe steps that are multiples of this (and step 0), NaN at the others: at every probe step
+    # they would cost 0.3 of a training step per probe step, over the 10% budget at k = 10.
     health_every: int = HEALTH_EVERY
 
     def __post_init__(self) -> None:

@@ -43,8 +43,8 @@ class ProbeSession:
         """`lin_batch_size`: evaluate the linearization error on the first that many sequences of the
         probe batch only (None: all); `feature_batch_size`: the same for the feature change since
         θ_0 (probes.feature_change); every other statistic uses the whole batch. `health`: also record
-        the training-health statistics (probes.health); `health_every`: the attention and activation
-        ones only at steps that are multiples of it (the cheap ones at every probe step)."""
+        the training-health statistics (probes.health); `health_every`: all of them
+        only at steps that are multiples of it (NaN at the other probe steps)."""
         if lin_batch_size is not None and lin_batch_size <= 0:
             raise ValueError(f"lin_batch_size={lin_batch_size} must be positive (or None for the whole batch)")
         self.adapter, self.batch, self.dtype = adapter, probe_batch, dtype
