@@ -38,7 +38,7 @@ from probes.hooks import SiteSpec, capture
 from probes.schema import BLOCK_ROLES, GLOBAL_ROLES, INTERNAL_SITES, SITES
 
 OUTLIER_MULTIPLE = 6.0  # act_outlier_frac counts entries with |x| > 6 × RMS (Gaussian: 2e-9)
-POWER_STEPS = 3  # power-iteration steps per probe step, from the previous probe step's vector
+POWER_STEPS = 10  # power-iteration steps per health step, from the previous one's vector
 COLD_POWER_STEPS = 20  # ... and the first time, from a fixed random vector
 HEALTH_EVERY = 100  # default cadence (steps) of the attention and activation statistics: see benchmarks/RESULTS.md
 HEADS_KEY = "attn_heads"  # in the statistics' state: heads per layer, for the NaN rows between full steps
