@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from analyses import coordcheck, laziness, laziness_measures, profile, run_laziness, stats, transfer
+from analyses import coordcheck, health, laziness, laziness_measures, profile, run_laziness, stats, transfer
 from analyses.load import (
     SWEEP_DIMS,
     AnalysisError,
@@ -292,6 +292,7 @@ def _markdown(ds: xr.Dataset, res: dict, figures: list[Path]) -> str:
                   "(no bad_step) are missing (n_missing), not diverged:", "", markdown_table(tr.drift), ""]
     if res.get("single_run"):
         lines += run_laziness.summary_lines(ds)
+    lines += health.health_markdown(ds)
     if res["skipped"]:
         lines += ["## Not analysed", ""] + [f"- {k}: {v}" for k, v in res["skipped"].items()] + [""]
     if figures:

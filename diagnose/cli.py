@@ -198,5 +198,35 @@ main.add_command(conform)
 main.add_command(linearize)
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--step", "spike_step", type=int, required=True, help="The spike's step (as metrics.jsonl marks it).")
+@click.option("--after", type=int, default=3, show_default=True, help="Replay this many steps past --step.")
+@click.option("--lead", type=int, default=8, show_default=True,
+              help="Start at the nearest checkpoint at least this many steps before --step (the baseline).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Replay dir (default: RUN_DIR/replay_<step>).")
+def replay(run_dir: Path, spike_step: int, after: int, lead: int, out: Path | None) -> None:
+    """Replay a spike with probes at every step and write a spike report (which layers and signals moved first).
+
+    Restores the nearest checkpoint before the spike (keep several with --keep-checkpoints-every),
+    re-runs to --step + --after (bitwise the same training), and writes spike_report.md/.json/.png.
+    """
+    from analyses.health import write_spike_report
+    from probes.replay import replay as run_replay
+    from trainer.errors import ConfigError
+
+    try:
+        result = run_replay(run_dir, spike_step, after=after, lead=lead, out=out)
+        report = write_spike_report(result["dir"], spike_step, replay=result)
+    except (ConfigError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    first = (f"earliest excursion at step {report['onset_step']} in {', '.join(report['first_signals'])}, "
+             f"layers {', '.join(map(str, report['first_layers']))}" if report["onset_step"] is not None
+             else "no signal left its baseline")
+    click.echo(f"replayed steps {result['start']}-{result['stop'] - 1} (bitwise: {result['bitwise']}); {first}")
+    click.echo(f"spike report: {result['dir'] / 'spike_report.md'}")
+
+
 if __name__ == "__main__":
     main()

@@ -81,6 +81,10 @@ def _run_option_list(lists: bool) -> list[Callable]:
         click.option("--dist", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
                      help="Several processes (torchrun, Slurm): ddp keeps the whole model on each; fsdp (FSDP2) "
                           "shards parameters, gradients and optimizer state (docs/SCALE_OUT.md)."),
+        click.option("--keep-checkpoints-every", type=int, default=0, show_default=True,
+                     help="Also keep every K-th step's checkpoint (for `diagnose replay`; 0: only the latest)."),
+        click.option("--debug-lr-spike", default="", metavar="STEP:FACTOR",
+                     help="Debug/test hook: multiply the LR of update STEP by FACTOR (a loss spike on purpose)."),
     ]
 
 
@@ -113,6 +117,10 @@ probe_options = _stack([
                       "measured (0: off)."),
     click.option("--probe-feature-batch", type=click.IntRange(min=0), default=2, show_default=True,
                  help="Sequences of the probe batch used for the feature change since init (0: all)."),
+    click.option("--probe-health/--no-probe-health", default=True, show_default=True,
+                 help="Also record the training-health statistics (attention, outliers, Adam state, spectra)."),
+    click.option("--probe-health-every", type=int, default=100, show_default=True,
+                 help="Training-health statistics at probe steps that are multiples of this (cost; NaN between)."),
 ])
 
 
@@ -147,6 +155,8 @@ def build_spec(opts: dict[str, Any]):
         checkpoint_every=opts["checkpoint_every"], log_every=opts["log_every"],
         seed=opts["seed"], device=opts["device"], dtype=opts["dtype"], compile=opts["compile_"],
         dist=opts["dist"],
+        keep_checkpoints_every=opts.get("keep_checkpoints_every", 0),
+        **_lr_spike(opts.get("debug_lr_spike", "")),
     )
     validate_train(train)
     probes = None
@@ -156,8 +166,23 @@ def build_spec(opts: dict[str, Any]):
                              flush_every=opts["probe_flush"], flush_seconds=opts["probe_flush_seconds"],
                              live=opts.get("probe_live", ""),
                              linearized=opts.get("probe_linearized", 4),
-                             feature_batch_size=opts.get("probe_feature_batch", 2))
+                             feature_batch_size=opts.get("probe_feature_batch", 2),
+                             health=opts.get("probe_health", True),
+                             health_every=opts.get("probe_health_every", 100))
     return RunSpec(param=param, model=model, data=data, train=train), probes
+
+
+def _lr_spike(text: str) -> dict[str, Any]:
+    """--debug-lr-spike STEP:FACTOR → the TrainConfig fields."""
+    from trainer.errors import ConfigError
+
+    if not text:
+        return {}
+    try:
+        step, factor = text.split(":")
+        return {"debug_lr_spike_step": int(step), "debug_lr_spike_factor": float(factor)}
+    except ValueError:
+        raise ConfigError(f"--debug-lr-spike {text!r} must be STEP:FACTOR, e.g. 40:30") from None
 
 
 def run_name(spec) -> str:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from probes.adapters import ModelAdapter
+from probes.health import health_coords
 from probes.schema import SCHEMA_VERSION, STORE_NAME, VARIABLES, coords_for
 from probes.session import ProbeSession
 from probes.statistics import USER_STATISTICS
@@ -93,6 +94,8 @@ class ProbeLog:
         append: bool = False,
         write: bool | None = None,
         live: str | Iterable[str] | None = None,
+        health: bool = True,
+        health_every: int = 1,
     ):
         """`steps`: the probe steps (None: every step `update` is called with); `attrs`: stored on the
         records (`param`, `alpha`, `width`, `depth`, `lr`, `seed`, `label`, as `analyses` reads them;
@@ -106,11 +109,13 @@ class ProbeLog:
         continue an existing store (a resumed run) instead of refusing it; `write`: whether this process
         records (None: rank 0 of torch.distributed, or no process group); `live`: also write per-layer
         summaries as they are measured to "tensorboard" and/or "wandb" (probes.sinks; off by default,
-        the store stays the record)."""
+        the store stays the record); `health`: also record the training-health statistics
+        (probes.health); `health_every`: all of them only at steps that are multiples of it (NaN in
+        between)."""
         if dtype is None:  # float64 on CUDA too: float32 round-off swamps ‖nl‖ at small LR factors
             dtype = torch.float64
         self.session = ProbeSession(adapter, probe_batch, dtype, lin_batch_size=lin_batch_size,
-                                    feature_batch_size=feature_batch_size)
+                                    feature_batch_size=feature_batch_size, health=health, health_every=health_every)
         self.path = Path(run_dir) / STORE_NAME
         self.write = is_main_process() if write is None else write
         if self.write and self.path.exists() and not append:
@@ -163,7 +168,7 @@ class ProbeLog:
         if unknown:  # fail now, not at the next append
             raise KeyError(f"probe scalars {unknown} are not declared in probes.schema; known scalars include "
                            "train_loss, val_loss")
-        values = self.session.after_update(step)  # on every rank when sharded: it holds collectives
+        values = self.session.after_update(step, optimizer)  # on every rank when sharded: it holds collectives
         if not self.write:
             return
         if optimizer is not None:
@@ -205,6 +210,9 @@ class ProbeLog:
                 self.attrs["width"] = int(next(iter(self.session.ref0.values())).shape[-1])
             extra = {name: stat.dims for name, stat in USER_STATISTICS.items()}
             coords = coords_for(self.session.adapter.depth, self.groups or ["all"])
+            coords.update(health_coords(self.session.adapter))
+            if self._buffer and "attn_max_logit" in self._buffer[0][1]:  # heads per layer, as measured
+                coords["head"] = list(range(self._buffer[0][1]["attn_max_logit"].shape[1]))
             self._store = RecordStore(self.path, coords, self.attrs, extra)
         return self._store
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from probes.adapters import GPTAdapter
+from probes.health import HEALTH_EVERY
 from probes.probe_log import FEATURE_BATCH_SIZE, FLUSH_EVERY, FLUSH_SECONDS, LIN_BATCH_SIZE, ProbeLog, group_names
 from probes.schema import STORE_NAME
 from probes.session import ProbeSession
@@ -58,9 +59,13 @@ class ProbeConfig:
     # (benchmarks/RESULTS.md, "Laziness measures: cost").
     feature_batch_size: int = FEATURE_BATCH_SIZE
     live: str = ""  # live dashboards (probes.sinks): "tensorboard", "wandb" or both, comma-separated; "" = off
+    health: bool = True  # also the training-health statistics (probes.health; cost: benchmarks/RESULTS.md)
+    # ... at probe steps that are multiples of this (and step 0), NaN at the others: at every probe step
+    # they would cost 0.3 of a training step per probe step, over the 10% budget at k = 10.
+    health_every: int = HEALTH_EVERY
 
     def __post_init__(self) -> None:
-        for name in ("every", "batch_size", "flush_every"):
+        for name in ("every", "batch_size", "flush_every", "health_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"probe {name}={value!r} must be a positive integer")
@@ -131,6 +136,7 @@ class ProbeRecorder(Observer):
             flush_seconds=self.config.flush_seconds, append=True,  # a resumed run continues its store
             write=trainer.is_main,
             live=self.config.sinks or None,
+            health=self.config.health, health_every=self.config.health_every,
         )
         if self._state:
             self.log.session.load_state_dict(self._state)

@@ -126,6 +126,42 @@ VARIABLES: dict[str, Variable] = {
     "linearized_blocks_share": Variable(
         (), "1", "(frozen loss - linearized loss) / (frozen loss - model loss): the blocks' learning kept"
     ),
+    # --- training health (probes.health): attention, outliers, Adam state, spectra --------------------
+    "attn_max_logit": Variable(
+        ("layer", "head"), "logit", "largest pre-softmax attention score (after the attention scale) on the probe batch"
+    ),
+    "attn_entropy": Variable(("layer", "head"), "nats", "attention entropy, mean over probe sequences and queries"),
+    "attn_entropy_norm": Variable(
+        ("layer", "head"), "1", "attention entropy / log(keys the query sees), mean over queries seeing 2 or more"
+    ),
+    "act_absmax": Variable(("layer", "site"), "activation", "max |x| of the site activation on the probe batch"),
+    "act_kurtosis": Variable(("layer", "site"), "1", "E[(x-µ)⁴]/Var² over every entry of the site (Gaussian: 3)"),
+    "act_outlier_frac": Variable(
+        ("layer", "site"), "1", "fraction of the site's entries with |x| > 6 × its RMS (probes.health.OUTLIER_MULTIPLE)"
+    ),
+    "adam_m_norm": Variable(("layer", "block_role"), "gradient", "||m||, Adam's first moment after the update"),
+    "adam_v_norm": Variable(("layer", "block_role"), "gradient²", "||v||, Adam's second moment after the update"),
+    "adam_eps_dominance": Variable(
+        ("layer", "block_role"), "1", "share of coordinates where Adam's ε >= sqrt(v / (1 - β₂^t)): ε sets the step"
+    ),
+    "global_adam_m_norm": Variable(("global_role",), "gradient", "||m|| for parameters outside blocks"),
+    "global_adam_v_norm": Variable(("global_role",), "gradient²", "||v|| for parameters outside blocks"),
+    "global_adam_eps_dominance": Variable(
+        ("global_role",), "1", "ε-dominance share (see adam_eps_dominance) for parameters outside blocks"
+    ),
+    "weight_spectral_norm": Variable(
+        ("layer", "matrix"), "parameter", "||W||₂ of each hidden matrix by warm-started power iteration"
+    ),
+    "update_spectral_rel": Variable(("layer", "matrix"), "1", "||ΔW||₂ / ||W||₂ for the update of this step"),
+    "weight_stable_rank": Variable(("layer", "matrix"), "1", "stable rank ||W||_F² / ||W||₂²"),
+    "internal_absmax": Variable(
+        ("layer", "internal_site"), "activation",
+        "max |x| inside a block (mlp_hidden, attn_mix: ModelAdapter.internal_sites)",
+    ),
+    "internal_kurtosis": Variable(("layer", "internal_site"), "1", "E[(x-µ)⁴]/Var² of the block-internal activation"),
+    "internal_outlier_frac": Variable(
+        ("layer", "internal_site"), "1", "fraction of the block-internal activation's entries with |x| > 6 × its RMS"
+    ),
 }
 # The block-linearized model's records live beside the probe store, on their own steps.
 LINEARIZED_STORE_NAME = "linearized.zarr"
@@ -146,6 +182,10 @@ VARIABLES["lin_below_floor"] = Variable(
     f"1 where ||nl|| < {LIN_FLOOR_MULTIPLE:g} x nonlin_floor: nonlin_norm, lin_ratio and nonlin_to_output are "
     "NaN there (round-off, not a measurement); 0 elsewhere",
 )
+
+# Block-internal sites of the adapter contract (ModelAdapter.internal_sites): the input of the MLP's down
+# projection (after the non-linearity or gating) and of the attention's output projection.
+INTERNAL_SITES: tuple[str, ...] = ("attn_mix", "mlp_hidden")
 
 STORE_NAME = "probes.zarr"
 METRICS_NAME = "metrics.jsonl"

@@ -26,6 +26,7 @@ import torch
 
 from probes.adapters import ModelAdapter
 from probes.feature_change import FeatureChange
+from probes.health import HEADS_KEY, health_statistics, internal_sites, internal_statistics
 from probes.hooks import capture
 from probes.linearization import LinearizationResult, branch_linearization
 from probes.schema import BRANCHES, SITES
@@ -37,14 +38,18 @@ class ProbeSession:
     """Holds the probe batch and the reference activations (step 0 and the previous probe step)."""
 
     def __init__(self, adapter: ModelAdapter, probe_batch: torch.Tensor, dtype: torch.dtype = torch.float64,
-                 lin_batch_size: int | None = None, feature_batch_size: int | None = None):
+                 lin_batch_size: int | None = None, feature_batch_size: int | None = None,
+                 health: bool = True, health_every: int = 1):
         """`lin_batch_size`: evaluate the linearization error on the first that many sequences of the
         probe batch only (None: all); `feature_batch_size`: the same for the feature change since
-        θ_0 (probes.feature_change); every other statistic uses the whole batch."""
+        θ_0 (probes.feature_change); every other statistic uses the whole batch. `health`: also record
+        the training-health statistics (probes.health); `health_every`: all of them
+        only at steps that are multiples of it (NaN at the other probe steps)."""
         if lin_batch_size is not None and lin_batch_size <= 0:
             raise ValueError(f"lin_batch_size={lin_batch_size} must be positive (or None for the whole batch)")
         self.adapter, self.batch, self.dtype = adapter, probe_batch, dtype
         self.lin_batch_size = lin_batch_size
+        self.health, self.health_every = health, health_every
         self.ref0: dict[tuple[int, str], torch.Tensor] | None = None
         self.prev: dict[tuple[int, str], torch.Tensor] | None = None
         self.roles = adapter.parameter_roles()
@@ -57,6 +62,7 @@ class ProbeSession:
         # linearization, θ_t and θ_{t+1} of one branch; and which branches this rank evaluated.
         self.lin_gathered_peak_bytes = 0
         self.lin_branches_here: list[tuple[int, str]] = []
+        self.stat_state: dict[str, torch.Tensor] = {}  # statistics' memory between probe steps (warm starts)
 
     def before_update(self, step: int) -> None:
         """Measure at θ_t: activations, the stream gradients and a snapshot of θ_t."""
@@ -64,7 +70,9 @@ class ProbeSession:
         was_training = model.training
         model.eval()  # no dropout (and no RNG use) in a probe forward
         try:
-            with torch.enable_grad(), capture(self.adapter.sites()) as acts, self.adapter.probing():
+            full = self.health and self._full_health(step)
+            with torch.enable_grad(), capture(self.adapter.sites()) as acts, \
+                    capture(internal_sites(self.adapter) if full else {}) as inner, self.adapter.probing():
                 loss = self.adapter.loss(self.batch)
                 pre = [acts[(l, "resid_pre")] for l in range(self.adapter.depth)]
                 grads = torch.autograd.grad(loss, pre) if loss.requires_grad else [torch.zeros_like(p) for p in pre]
@@ -76,10 +84,18 @@ class ProbeSession:
             "grads": [g.detach() for g in grads],
             "loss": loss.detach(),
             "before": {n: p.detach().clone() for n, p in model.named_parameters()},
+            # reduced here, at θ_t, instead of kept: the MLP hidden layer is 4× the stream's width
+            "extras": {"internal": internal_statistics(inner, self.adapter.depth)} if full else {},
         }
 
-    def after_update(self, step: int) -> dict[str, torch.Tensor]:
-        """Measure Δθ = θ_{t+1} − θ_t: linearization error and every statistic (device tensors)."""
+    def _full_health(self, step: int) -> bool:
+        """Whether this step records the attention and activation statistics too (their cadence)."""
+        return step % self.health_every == 0 or HEADS_KEY not in self.stat_state
+
+    def after_update(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, torch.Tensor]:
+        """Measure Δθ = θ_{t+1} − θ_t: linearization error and every statistic (device tensors).
+
+        `optimizer`: the one that made the update, for the Adam-state statistics (None: NaN)."""
         if self._pending is None or self._pending["step"] != step:
             raise RuntimeError(f"after_update({step}) without a matching before_update")
         pending, self._pending = self._pending, None
@@ -94,8 +110,12 @@ class ProbeSession:
             grads=pending["grads"], probe_loss=pending["loss"], linearization=lin,
             params_before=pending["before"], params_after=after, roles=self.roles, layers=self.layers,
             branch_inputs={name: self.adapter.branch(0, name)[1] for name in BRANCHES},
+            adapter=self.adapter, optimizer=optimizer, batch=self.batch, state=self.stat_state,
+            extras=pending["extras"],
         )
         values = builtin_statistics(ctx)
+        if self.health:
+            values.update(health_statistics(ctx, full=self._full_health(step)))
         values["probe_loss"] = pending["loss"].float()
         # The round-off guard of a float32 linearization (NaN floor and 0 in float64).
         table = [[lin[(layer, b)] for b in BRANCHES] for layer in range(self.adapter.depth)]
@@ -180,7 +200,8 @@ class ProbeSession:
         """References for resume: {"ref0": [...], "prev": [...]} as lists of tensors in site order."""
         keys = sorted(self.adapter.sites())
         pack = lambda d: None if d is None else [d[k].cpu() for k in keys]  # noqa: E731
-        return {"ref0": pack(self.ref0), "prev": pack(self.prev), "theta0": self.features.state_dict()}
+        return {"ref0": pack(self.ref0), "prev": pack(self.prev), "theta0": self.features.state_dict(),
+                "stat_state": {k: v.cpu() for k, v in self.stat_state.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         keys = sorted(self.adapter.sites())
@@ -189,3 +210,4 @@ class ProbeSession:
         self.ref0, self.prev = unpack(state.get("ref0")), unpack(state.get("prev"))
         self.ref0, self.prev = (None if d is None else self._fill_absent(d) for d in (self.ref0, self.prev))
         self.features.load_state_dict(state.get("theta0"), device)
+        self.stat_state = {k: v.to(device) for k, v in state.get("stat_state", {}).items()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,6 +43,12 @@ class ProbeContext:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     # the stream site each branch reads (a parallel-residual MLP reads resid_pre, not resid_mid)
     branch_inputs: dict[str, str] = field(default_factory=lambda: {"attn": "resid_pre", "mlp": "resid_mid"})
+    # For the training-health statistics (probes.health): the adapter, the optimizer whose state they
+    # read, the probe batch, and state a statistic keeps between probe steps (e.g. warm starts).
+    adapter: Any = None
+    optimizer: Any = None
+    batch: torch.Tensor | None = None
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,18 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
 
 
+KEPT_DIR = "checkpoints"  # checkpoints kept every `keep_checkpoints_every` steps: step_<S>.pt
+
+
+def kept_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / KEPT_DIR / f"step_{step:08d}.pt"
+
+
+def kept_steps(run_dir: Path) -> list[int]:
+    """Steps of the kept checkpoints in a run dir, sorted."""
+    return sorted(int(p.stem.removeprefix("step_")) for p in (Path(run_dir) / KEPT_DIR).glob("step_*.pt"))
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

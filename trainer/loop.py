@@ -58,6 +58,7 @@ from trainer.model import GPT, ModelConfig, unwrap
 from trainer.observers import Observer
 from trainer.optim import SCHEDULES, build_optimizer, group_summary, lr_factor, set_lr
 from trainer.parameterization import Parameterization
+from trainer.spikes import SpikeDetector
 
 METRICS_NAME, STATUS_NAME, CONFIG_NAME = "metrics.jsonl", "status.json", "config.json"
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "rng", "last_val_loss", "observers")
@@ -93,6 +94,13 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False  # torch.compile the training forward (CUDA recommended)
     dist: str = "ddp"  # under torchrun: ddp (whole model per rank) | fsdp (FSDP2, parameters sharded)
+    # Also keep every K-th step's checkpoint as checkpoints/step_<S>.pt (0: only the latest), so that
+    # `diagnose replay` can restart shortly before a spike. A multiple of checkpoint_every.
+    keep_checkpoints_every: int = 0
+    # Debug/test hook: multiply the learning rate of update `debug_lr_spike_step` by
+    # `debug_lr_spike_factor` (a loss spike on purpose, at a known step; -1: off).
+    debug_lr_spike_step: int = -1
+    debug_lr_spike_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,12 @@ def validate_train(cfg: TrainConfig, world: int = 1) -> None:
         raise ConfigError(f"warmup_frac={cfg.warmup_frac} must be in [0, 1)")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise ConfigError(f"device={cfg.device!r} must be auto, cpu, cuda or cuda:N")
+    if not isinstance(cfg.keep_checkpoints_every, int) or cfg.keep_checkpoints_every < 0 \
+            or cfg.keep_checkpoints_every % cfg.checkpoint_every:
+        raise ConfigError(f"keep_checkpoints_every={cfg.keep_checkpoints_every!r} must be 0 or a positive multiple "
+                          f"of checkpoint_every={cfg.checkpoint_every}")
+    if not (cfg.debug_lr_spike_factor > 0 and math.isfinite(cfg.debug_lr_spike_factor)):
+        raise ConfigError(f"debug_lr_spike_factor={cfg.debug_lr_spike_factor!r} must be a positive finite number")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device!r} requested but CUDA is not available on this machine")
     if cfg.dist not in DIST_MODES:
@@ -180,6 +194,7 @@ class Trainer:
         self.last_val_loss = math.nan
         self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []
         self._timer = (time.perf_counter(), 0)
+        self.spikes = SpikeDetector()  # marks loss/grad-norm spikes in metrics.jsonl (trainer/spikes.py)
 
     # --- helpers -----------------------------------------------------------------------------------
     @property
@@ -230,6 +245,11 @@ class Trainer:
             "observers": {o.name: o.state_dict() for o in self.observers},
         }
         ckpt.save_keeping_previous(state, self.run_dir / ckpt.CHECKPOINT_NAME)
+        keep = self.spec.train.keep_checkpoints_every
+        if keep and self.step % keep == 0:
+            kept = ckpt.kept_path(self.run_dir, self.step)
+            kept.parent.mkdir(exist_ok=True)
+            ckpt.save_atomic(state, kept)
 
     def load_checkpoint(self) -> None:
         # Sharded: the full tensors stay on the CPU; each rank copies only its own shards to the device.
@@ -254,6 +274,10 @@ class Trainer:
                 obs.resume(self.step)
         if self.is_main:
             truncate_metrics(self.run_dir / METRICS_NAME, self.step)
+        self.spikes = SpikeDetector()  # the same history as the first run had at this step
+        for record in read_metrics(self.run_dir / METRICS_NAME):
+            if "loss" in record and record["step"] < self.step:
+                self.spikes.observe(record)
 
     # --- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -273,6 +297,8 @@ class Trainer:
     def train_step(self, step: int) -> None:
         cfg = self.spec.train
         factor = lr_factor(step, cfg.steps, round(cfg.warmup_frac * cfg.steps), cfg.schedule, cfg.min_lr_frac)
+        if step == cfg.debug_lr_spike_step:
+            factor *= cfg.debug_lr_spike_factor
         set_lr(self.optimizer, factor)
         batch = self.data.train_batch(cfg.seed, step, cfg.batch_size, self.rank, self.world)
         batch = batch.to(self.device, non_blocking=True)
@@ -316,8 +342,11 @@ class Trainer:
             # checkpoint) through the optimizer step, so both count.
             if bad is None and not (math.isfinite(loss) and math.isfinite(gnorm)):
                 bad = step
-            lines.append(json.dumps({"step": step, "loss": loss, "lr": lr0 * factor, "grad_norm": gnorm,
-                                     "tokens_per_s": tps}))
+            record = {"step": step, "loss": loss, "lr": lr0 * factor, "grad_norm": gnorm, "tokens_per_s": tps}
+            spiked = self.spikes.observe(record)
+            if spiked:
+                record.update(spike=sorted(spiked), spike_z={k: round(v, 2) for k, v in spiked.items()})
+            lines.append(json.dumps(record))
         self._pending.clear()
         if self.is_main:
             with open(self.run_dir / METRICS_NAME, "a") as f:
@@ -335,9 +364,13 @@ class Trainer:
         self.log(f"step {step:>6}  val_loss {self.last_val_loss:.4f}")
 
     # --- the run -------------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> dict[str, Any]:
-        """Train to the configured number of steps. Returns the final metrics."""
+    def run(self, resume: bool = False, until: int | None = None) -> dict[str, Any]:
+        """Train to the configured number of steps (or stop before update `until`). Returns the final metrics.
+
+        `until` leaves the schedule as configured (it depends on the total steps); `diagnose replay`
+        uses it to re-run a stretch of a run."""
         cfg = self.spec.train
+        stop = cfg.steps if until is None else min(until, cfg.steps)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -356,7 +389,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=self.quiet or not self.is_main)
         try:
-            while self.step < cfg.steps:
+            while self.step < stop:
                 step = self.step
                 if step % cfg.eval_every == 0:
                     self._record_validation(step)
@@ -369,6 +402,7 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.flush_metrics()
                     self.save_checkpoint()
+            self.flush_metrics()
             self._record_validation(self.step)
             self.save_checkpoint()
         except NonFiniteLoss as err:
@@ -381,10 +415,23 @@ class Trainer:
             bar.close()
             for obs in self.observers:
                 obs.close()
-        self._write_status("finished")
+        self._write_status("finished", "" if self.step == cfg.steps else f"stopped before update {stop} (until)")
         if self.world > 1:
             dist.barrier()  # every rank leaves once rank 0 has written the final checkpoint and status
         return {"step": self.step, "val_loss": self.last_val_loss}
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl (a line cut short by a kill is skipped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -52,6 +52,9 @@ class SynthRun:
     val_every: int | None = 10  # validation every k steps and at the last step; None: no validation
     blocks: int = 2  # number of to_zarr writes of the probe steps (first write + appends)
     variables: tuple[str, ...] | None = None  # subset of schema.VARIABLES to write (None: all)
+    # Also the training-health variables (probes.health). Off by default: a store as written before
+    # they existed (which the analyses must still read), and fewer arrays for the many-run fixtures.
+    health: bool = False
 
     @property
     def slope(self) -> float:
@@ -132,6 +135,25 @@ def probe_dataset(spec: SynthRun) -> xr.Dataset:
         "val_loss": v("val_loss", loss_t),
         "nonlin_floor": v("nonlin_floor", np.full((S, L, 2), np.nan)),  # float64 runs: floor not measured
         "lin_below_floor": v("lin_below_floor", np.zeros((S, L, 2))),
+        # training health (probes.health): deterministic placeholders, no draws from the run's rng
+        "attn_max_logit": v("attn_max_logit", np.ones((S, L, 2)) * (1 + 0.1 * np.arange(L))[None, :, None]),
+        "attn_entropy": v("attn_entropy", np.full((S, L, 2), 2.0)),
+        "attn_entropy_norm": v("attn_entropy_norm", np.full((S, L, 2), 0.8)),
+        "act_absmax": v("act_absmax", 4 * act),
+        "act_kurtosis": v("act_kurtosis", np.full((S, L, n_site), 3.0)),
+        "act_outlier_frac": v("act_outlier_frac", np.zeros((S, L, n_site))),
+        "adam_m_norm": v("adam_m_norm", np.full((S, L, n_role), 1e-3)),
+        "adam_v_norm": v("adam_v_norm", np.full((S, L, n_role), 1e-6)),
+        "adam_eps_dominance": v("adam_eps_dominance", np.zeros((S, L, n_role))),
+        "global_adam_m_norm": v("global_adam_m_norm", np.full((S, n_grole), 1e-3)),
+        "global_adam_v_norm": v("global_adam_v_norm", np.full((S, n_grole), 1e-6)),
+        "global_adam_eps_dominance": v("global_adam_eps_dominance", np.zeros((S, n_grole))),
+        "weight_spectral_norm": v("weight_spectral_norm", np.full((S, L, 4), 1.5)),
+        "update_spectral_rel": v("update_spectral_rel", 1e-3 * trained[:, None, None] * np.ones((S, L, 4))),
+        "weight_stable_rank": v("weight_stable_rank", np.full((S, L, 4), 20.0)),
+        "internal_absmax": v("internal_absmax", np.full((S, L, 2), 5.0)),
+        "internal_kurtosis": v("internal_kurtosis", np.full((S, L, 2), 4.0)),
+        "internal_outlier_frac": v("internal_outlier_frac", np.zeros((S, L, 2))),
     }
     # Feature change since θ_0 (first order, like lin_ratio) and 1 − CKA (second order); no rng draws,
     # so the values above stay what they were.
@@ -145,12 +167,16 @@ def probe_dataset(spec: SynthRun) -> xr.Dataset:
     # The block-linearized model's variables live in their own store (linearized.zarr), not here.
     expected = set(schema.VARIABLES) - set(schema.LINEARIZED_VARIABLES)
     assert set(data) == expected, "builder out of date with probes.schema"
+    if not spec.health and spec.variables is None:
+        data = {k: v for k, v in data.items() if k not in HEALTH_VARIABLES}
     if spec.variables is not None:
         # A subset keeps only the coordinates its variables use: each coordinate is one more array to
         # write and read, and the tests that write subsets run many small stores.
         data = {k: data[k] for k in spec.variables}
         used = {d for dims, _ in data.values() for d in dims}
         coords = {k: v for k, v in coords.items() if k in used}
+    if any("head" in dims for dims, _ in data.values()):
+        coords["head"] = [0, 1]  # the recorder labels heads 0..H-1
     alpha = spec.alpha if spec.param == "alpha" else math.nan
     config = {"model": {"width": spec.width, "depth": spec.depth}, "param": spec.param, "alpha": alpha, "lr": spec.lr}
     attrs = {
@@ -165,6 +191,13 @@ def probe_dataset(spec: SynthRun) -> xr.Dataset:
         "versions": json.dumps({"python": "3", "synthetic": True}),
     }
     return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+HEALTH_VARIABLES = ("attn_max_logit", "attn_entropy", "attn_entropy_norm", "act_absmax", "act_kurtosis",
+                    "act_outlier_frac", "adam_m_norm", "adam_v_norm", "adam_eps_dominance", "global_adam_m_norm",
+                    "global_adam_v_norm", "global_adam_eps_dominance", "weight_spectral_norm",
+                    "update_spectral_rel", "weight_stable_rank", "internal_absmax", "internal_kurtosis",
+                    "internal_outlier_frac")
 
 
 def _loss_curve(spec: SynthRun) -> np.ndarray:

@@ -14,7 +14,7 @@ import xarray as xr
 from analyses import load
 from analyses.load import IncompatibleRunsError, NotARunError
 from probes import schema
-from tests.analyses.conftest import SynthRun, probe_dataset, write_run
+from tests.analyses.conftest import HEALTH_VARIABLES, SynthRun, probe_dataset, write_run
 
 
 @pytest.mark.parametrize(
@@ -45,7 +45,7 @@ def test_open_run_reads_appended_store(one_run):
     assert ds.attrs["param_label"] == "alpha=1" and ds.attrs["run_dir"] == str(one_run)
     ref = probe_dataset(SynthRun(depth=4, share_decay=0.5))
     np.testing.assert_allclose(ds["lin_ratio"].values, ref["lin_ratio"].values)
-    assert set(ds.data_vars) == set(schema.VARIABLES) - set(schema.LINEARIZED_VARIABLES)
+    assert set(ds.data_vars) == set(schema.VARIABLES) - set(schema.LINEARIZED_VARIABLES) - set(HEALTH_VARIABLES)
 
 
 def test_not_a_run_errors_name_path_and_what_is_missing(tmp_path):
