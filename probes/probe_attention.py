@@ -16,12 +16,15 @@ key/value heads are repeated to the query heads as every eager implementation do
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 PROBE_ATTENTION = "completep_probe"
+# Set by probes.hf_attention.recorded_attention: called with (module, pre-softmax scores, allowed mask
+# or None) at every attention call, for the training-health reductions; None otherwise.
+score_observer: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], None] | None = None
 
 
 def probe_attention_forward(
@@ -49,10 +52,16 @@ def probe_attention_forward(
         value = value.repeat_interleave(repeats, dim=1)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     logits = torch.matmul(query, key.transpose(2, 3)) * scale
+    scores, allowed = logits, None
     if attention_mask is not None:
         mask = attention_mask[..., : key.shape[-2]]
         # additive float mask (what eager_mask builds), or a boolean one (True = attend) passed by a caller
-        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+        if mask.dtype == torch.bool:
+            allowed, logits = mask, logits.masked_fill(~mask, float("-inf"))
+        else:
+            allowed, logits = mask > torch.finfo(mask.dtype).min / 2, logits + mask
+    if score_observer is not None:
+        score_observer(module, scores.detach(), allowed)
     probs = logits.softmax(dim=-1)  # in the query's dtype: float64 stays float64
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()

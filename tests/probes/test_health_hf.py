@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers", reason="the Hugging Face test
 from probes.adapters import adapter_for  # noqa: E402
 from probes.health import attention_statistics  # noqa: E402
 from probes.hooks import capture, count_hooks  # noqa: E402
+from probes.probe_attention import PROBE_ATTENTION  # noqa: E402
 from probes.session import ProbeSession  # noqa: E402
 
 WIDTH, HEADS = 64, 4
@@ -34,7 +35,7 @@ def test_gpt2_attention_logits_match_a_hand_computation_from_c_attn():
     assert torch.equal(torch.get_rng_state(), rng) and model.training  # no dropout, no RNG use; mode restored
     torch.testing.assert_close(again["attn_max_logit"], values["attn_max_logit"], rtol=0, atol=0)
     model.eval()
-    assert model.config._attn_implementation != "probe_eager" and count_hooks(model) == 0
+    assert model.config._attn_implementation != PROBE_ATTENTION and count_hooks(model) == 0
     model.load_state_dict(before, strict=False)  # θ_0, where the probe measured
     with torch.no_grad(), capture(adapter.sites()) as acts:
         adapter.loss(batch)
