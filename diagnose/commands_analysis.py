@@ -41,9 +41,9 @@ def _boot_options(fn):
     fn = click.option("--min-step", type=click.IntRange(min=0), default=1, show_default=True,
                       help="First probe step averaged into the linearization ratio (step 0: Adam's first update).")(fn)
     fn = click.option("--seed", "boot_seed", type=int, default=0, show_default=True,
-                      help="Seed of the bootstrap's random generator.")(fn)
+                      help="Seed of the bootstrap's random generator (learning-rate transfer intervals).")(fn)
     fn = click.option("--n-boot", type=click.IntRange(min=10), default=1000, show_default=True,
-                      help="Bootstrap resamples for the confidence intervals.")(fn)
+                      help="Bootstrap resamples for the transfer intervals (laziness uses a t interval).")(fn)
     return fn
 
 
@@ -109,8 +109,10 @@ def compare(dir_a: Path, dir_b: Path, as_json: bool) -> None:
 
 @click.command("check")
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--expect", type=click.Choice(["complete", "lazy"]), required=True,
-              help="The verdict every checked parameterization must get.")
+@click.option("--expect", type=click.Choice(["complete", "lazy", "inconclusive", "not-lazy", "unstable"]),
+              required=True,
+              help="The verdict every checked parameterization must get (α: complete, lazy, inconclusive; sp/mup: "
+                   "not-lazy, or unstable when their final stream grows with depth).")
 @click.option("--param", "params", multiple=True, metavar="LABEL",
               help="Check only this parameterization (sp, mup, alpha=0.5, alpha=1, completep, depth-mup); "
                    "repeatable. Default: every one in the sweep.")
@@ -119,25 +121,27 @@ def check(dirs: tuple[Path, ...], expect: str, params: tuple[str, ...], n_boot: 
           min_step: int) -> None:
     """Assert a laziness verdict (exit 1 if not met).
 
-    Fits the slope of the linearization ratio vs depth with a bootstrap interval over seeds for each
+    Fits the slope of the linearization ratio vs depth, with a Student-t interval over runs, for each
     parameterization in DIRS and compares its verdict with --expect: exit 0 when all match, 1
     (saying why) when one does not, 2 on bad input (e.g. runs at a single depth).
     """
-    from analyses.laziness import laziness, param_verdicts
+    from analyses.laziness import expectation_met, laziness, param_verdicts, stream_trends
     from analyses.load import AnalysisError, normalize_label, open_sweep
 
     with _one_line_errors():
         ds = open_sweep(list(dirs))
-        verdicts = param_verdicts(laziness(ds, window=(min_step, None), n_boot=n_boot, seed=boot_seed))
+        table = laziness(ds, window=(min_step, None))
+        verdicts = param_verdicts(table, stream_trends(ds))
         wanted = [normalize_label(p) for p in params] or list(verdicts["param"])
         missing = [p for p in wanted if p not in set(verdicts["param"])]
         if missing:
             raise AnalysisError(f"no runs for {', '.join(missing)}; the sweep has {', '.join(verdicts['param'])}")
     failed = False
     for _, row in verdicts[verdicts["param"].isin(wanted)].iterrows():
-        ok = row["verdict"] == expect
+        ok = expectation_met(row, expect)
         failed |= not ok
         mark = "ok" if ok else "FAIL"
-        click.echo(f"{mark}: {row['param']} is {row['verdict']} (expected {expect}): {row['reason']}")
+        got = row["verdict"] + (f", {row['stability']}" if row["stability"] else "")
+        click.echo(f"{mark}: {row['param']} is {got} (expected {expect}): {row['reason']}")
     if failed:
         click.get_current_context().exit(1)
