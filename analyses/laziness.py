@@ -52,6 +52,10 @@ MAX_CI_WIDTH = 0.5
 # Two depths always fit a line exactly: a power law needs a third depth before its slope can be
 # trusted to describe the trend rather than two points.
 MIN_DEPTHS_FOR_VERDICT = 3
+# Deepest over shallowest depth below which a grid is too shallow for a verdict: over less than 4x the
+# gap between α = 1 and α = 0.5 (0.5 in slope) moves the ratio by less than 2x end to end, the size
+# of the seed-to-seed and early-transient effects measured in docs/ESTIMATOR.md.
+MIN_DEPTH_SPAN = 4.0
 # The finite-depth fit has three parameters per cell; with four depths or more its slope is
 # over-determined by the depth means, below that it is not estimated.
 MIN_DEPTHS_FOR_FD = 4
@@ -236,12 +240,15 @@ def depth_slopes(table: pd.DataFrame, ci: float = stats.DEFAULT_CI, variable: st
     return out[cols].reset_index(drop=True)
 
 
-def verdict(ci_low: float, ci_high: float, n_depths: int | None = None, label: str = "") -> tuple[str, str]:
+def verdict(
+    ci_low: float, ci_high: float, n_depths: int | None = None, label: str = "", depth_span: float | None = None
+) -> tuple[str, str]:
     """A verdict from the interval of the estimator's lin_ratio slope (α̂ − 1), with the reason in words.
 
     For α-parameterizations: "complete" when the whole interval lies above LAZY_THRESHOLD, "lazy"
     when it lies below, "inconclusive" when it straddles it, is wider than MAX_CI_WIDTH, is missing,
-    or rests on fewer than MIN_DEPTHS_FOR_VERDICT depths (when `n_depths` is given). For sp and mup
+    or rests on fewer than MIN_DEPTHS_FOR_VERDICT depths (when `n_depths` is given) or on depths
+    spanning less than MIN_DEPTH_SPAN (deepest/shallowest, when `depth_span` is given). For sp and mup
     (`label`), whose LR does not scale with depth, "complete" reads "not-lazy": their failure is
     instability, which the depth coordinate check judges (see `param_verdicts`).
     """
@@ -251,6 +258,9 @@ def verdict(ci_low: float, ci_high: float, n_depths: int | None = None, label: s
     span = f"slope interval [{ci_low:.3f}, {ci_high:.3f}] (α̂ in [{1 + ci_low:.2f}, {1 + ci_high:.2f}])"
     if n_depths is not None and n_depths < MIN_DEPTHS_FOR_VERDICT:
         return "inconclusive", f"{span} rests on {n_depths} depths; a verdict needs {MIN_DEPTHS_FOR_VERDICT}"
+    if depth_span is not None and depth_span < MIN_DEPTH_SPAN:
+        return "inconclusive", (f"{span}: the grid is too shallow, its depths span {depth_span:g}x; a verdict "
+                                f"needs {MIN_DEPTH_SPAN:g}x")
     if ci_high - ci_low > MAX_CI_WIDTH:
         return "inconclusive", f"{span} is wider than {MAX_CI_WIDTH} (more seeds or depths needed)"
     if ci_low > LAZY_THRESHOLD:
@@ -307,8 +317,8 @@ def laziness(
         slopes["theory"] = [theory_slope(p, variable) for p in slopes["param"]]
         judged = [("", "")] * len(slopes)
         if variable == judged_variable:
-            judged = [verdict(r["alpha_hat_ci_low"] - 1, r["alpha_hat_ci_high"] - 1, r["n_depths"], r["param"])
-                      for _, r in slopes.iterrows()]
+            judged = [verdict(r["alpha_hat_ci_low"] - 1, r["alpha_hat_ci_high"] - 1, r["n_depths"], r["param"],
+                              max(r["depths"]) / min(r["depths"])) for _, r in slopes.iterrows()]
         slopes["verdict"] = [v for v, _ in judged]
         slopes["reason"] = [r for _, r in judged]
         frames.append(slopes)
