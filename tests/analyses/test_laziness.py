@@ -10,7 +10,7 @@ import pytest
 
 from analyses import laziness, load
 from analyses.load import InsufficientSweepError
-from tests.analyses.conftest import DEPTH_PARAMS, SynthRun, probe_dataset
+from tests.analyses.conftest import DEPTH_PARAMS, SynthRun, probe_dataset, write_sweep
 
 PLANTED = {"sp": 0.0, "alpha=0.5": -0.5, "alpha=1": 0.0}
 
@@ -266,3 +266,31 @@ def test_theory_slope():
 def test_single_run_dataset_works(one_run):
     table = laziness.ratio_table(load.open_run(one_run))
     assert len(table) == 2 and set(table.branch) == {"attn", "mlp"}
+
+
+def test_ratio_table_uses_common_steps_and_leaves_out_unfinished_runs(tmp_path):
+    keep = ("lin_ratio",)
+    specs = [SynthRun(depth=d, seed=s, blocks=1, variables=keep) for d in (2, 4, 8) for s in (0, 1)]
+    specs.append(SynthRun(depth=16, seed=0, steps=(0, 1, 2, 4, 8, 16, 32), blocks=1, variables=keep))
+    specs.append(SynthRun(depth=16, seed=1, final_loss=math.nan, blocks=1, variables=keep))  # status: failed
+    paths = write_sweep(tmp_path / "sweep", specs)
+    table = laziness.ratio_table(load.open_sweep(tmp_path / "sweep"))
+    assert table.attrs["steps"] == [1, 2, 4, 8, 16] and table.attrs["dropped_steps"] == [32]
+    assert table.attrs["excluded"] == [f"{paths[-1]} (failed)"]
+    assert len(table) == 2 * 7 and set(table[table.depth == 16]["seed"]) == {0}
+    deep = table[(table.depth == 16) & (table.branch == "mlp")]
+    raw = load.open_run(paths[-2])["lin_ratio"].sel(step=[1, 2, 4, 8, 16], branch="mlp").values
+    assert deep["value"].item() == pytest.approx(np.exp(np.log(raw).mean()), rel=1e-9)  # step 32 left out
+    assert deep["n_points"].item() == 5 * 16
+    # The report says which runs were left out and which steps were used.
+    res = laziness.laziness(load.open_sweep(tmp_path / "sweep"))
+    assert res.attrs["excluded"] == table.attrs["excluded"] and res.attrs["steps"] == table.attrs["steps"]
+
+
+def test_ratio_table_refuses_runs_with_no_common_step(tmp_path):
+    keep = ("lin_ratio",)
+    write_sweep(tmp_path / "s", [SynthRun(depth=2, steps=(0, 1, 2), blocks=1, variables=keep),
+                                 SynthRun(depth=4, steps=(0, 5, 10), blocks=1, variables=keep)])
+    with pytest.raises(InsufficientSweepError, match="share no probe step") as err:
+        laziness.ratio_table(load.open_sweep(tmp_path / "s"))
+    assert "a1_d2" in str(err.value) and "a1_d4" in str(err.value) and "\n" not in str(err.value)
