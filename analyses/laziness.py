@@ -16,19 +16,18 @@ Method (docs/ESTIMATOR.md has the evidence behind each choice)
    (default: steps ≥ 1; step 0 is Adam's first, sign-like step at warm-up LR). Only finished runs
    enter, and only the probe steps that every one of them recorded: the ratio is proportional to
    the step's LR factor, so runs averaged over different parts of the schedule are not comparable.
-2. Per parameterization and branch, a least-squares fit over runs of log(ratio) against log(depth),
-   each (width, lr) cell with its own intercept (a fixed-effects fit):
-   - `slope`: the plain power law  log r = c + s·log L;
-   - `slope_fd`: with a finite-depth correction  log r = c + s·log L + a/L. At the base depth every
-     α gives the same model and the α = 1 ratio falls towards its large-depth value as a/L
-     (measured a ≈ 0.3-0.9), which biases the plain slope of shallow grids (2-16) by −0.1 to −0.2;
-   - `local_slopes`: the slope between each pair of consecutive depths, shown alongside.
+2. Per parameterization and branch, a least-squares fit over runs of log(value) against log(depth),
+   each (width, lr) cell with its own intercept (a fixed-effects fit): `slope`. Shown beside it:
+   `local_slopes` between consecutive depths, and `slope_fd` from log r = c + s·log L + a/L, the
+   finite-depth correction that gradient clipping produced at α = 1 (a ≈ 0.7); it is not used for α̂
+   (3.5x wider interval on four depths, a not significant on unclipped sweeps).
 3. Interval: Student-t, slope ± t_{df} · SE with the classical least-squares SE over runs
    (df = runs − cells − regressors), so it widens honestly with few seeds (t_{0.975} is 2.8 at
    df 4) and counts any lack of fit of the power law. Its coverage on planted slopes with the
    measured seed-to-seed spread is tested at 2, 3 and 5 seeds.
-4. α̂ = 1 + s/k (k = 1 for lin_ratio, 2 for nonlin_to_output) from the estimator's slope, with the
-   interval mapped the same way. The verdict comes from the α̂ interval of lin_ratio (see `verdict`).
+4. α̂ = 1 + slope/k (k = 1 for lin_ratio, 2 for nonlin_to_output). The verdict's α̂ comes from the
+   "combined" value ½·log lin_ratio + ¼·log nonlin_to_output per run (theory: slope α − 1): at
+   α < 1 the first ratio falls faster than theory and the second slower, at every depth measured.
 """
 
 from __future__ import annotations
@@ -53,8 +52,8 @@ MAX_CI_WIDTH = 0.5
 # trusted to describe the trend rather than two points.
 MIN_DEPTHS_FOR_VERDICT = 3
 # Deepest over shallowest depth below which a grid is too shallow for a verdict: over less than 4x the
-# gap between α = 1 and α = 0.5 (0.5 in slope) moves the ratio by less than 2x end to end, the size
-# of the seed-to-seed and early-transient effects measured in docs/ESTIMATOR.md.
+# ratios of α = 1 and α = 0.5 part by less than 2x end to end, while the slope between consecutive
+# doublings near the base depth moves by up to 0.3 (docs/ESTIMATOR.md).
 MIN_DEPTH_SPAN = 4.0
 # The finite-depth fit has three parameters per cell; with four depths or more its slope is
 # over-determined by the depth means, below that it is not estimated.
