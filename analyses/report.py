@@ -264,11 +264,12 @@ def _markdown(ds: xr.Dataset, res: dict, figures: list[Path]) -> str:
         excluded = lz.attrs.get("excluded", [])
         lines += ["## Laziness: linearization ratio vs depth", "",
                   f"Slope of log ‖nl‖/‖lin‖ vs log depth (least squares over runs) with a {stats.DEFAULT_CI:.0%} "
-                  "Student-t interval; α̂ = 1 + slope (nonlin_to_output: 1 + slope/2, a cross-check); local slopes "
-                  "between consecutive depths alongside. Verdict from the α̂ interval of lin_ratio: complete if it "
-                  f"lies above {1 + laziness.LAZY_THRESHOLD:g}, lazy if below, otherwise (or if wider than "
-                  f"{laziness.MAX_CI_WIDTH}, or with fewer than {laziness.MIN_DEPTHS_FOR_VERDICT} depths) "
-                  "inconclusive. sp/mup scale no LR with depth: they get 'not-lazy' (never 'complete'), and "
+                  "Student-t interval; α̂ = 1 + slope (nonlin_to_output: 1 + slope/2); local slopes between "
+                  "consecutive depths alongside. The verdict's α̂ is the 'combined' rows' (½·log lin_ratio + "
+                  f"¼·log nonlin_to_output per run): complete if its interval lies above "
+                  f"{1 + laziness.LAZY_THRESHOLD:g}, lazy if below, otherwise (or if wider than "
+                  f"{laziness.MAX_CI_WIDTH}, with fewer than {laziness.MIN_DEPTHS_FOR_VERDICT} depths, or with "
+                  f"depths spanning less than {laziness.MIN_DEPTH_SPAN:g}x) inconclusive. sp/mup scale no LR with depth: they get 'not-lazy' (never 'complete'), and "
                   "'unstable' when their final stream grows with depth (depth coordinate check). Method and "
                   "evidence: docs/ESTIMATOR.md.", "",
                   f"Probe steps averaged (common to every run): {_fmt(lz.attrs.get('steps', []))}."

@@ -76,9 +76,20 @@ def report(dirs: tuple[Path, ...], out: Path | None, as_json: bool, dpi: int, n_
         return
     click.echo(f"{len(summary['runs'])} run(s); report in {out}")
     for label, entry in summary.get("laziness", {}).items():
-        click.echo(f"  {label}: {entry['verdict']}")
+        stability = f", {entry['stability']}" if entry.get("stability") else ""
+        estimates = ", ".join(
+            f"{b} {_interval(e.get('alpha_hat'), e.get('alpha_hat_ci_low'), e.get('alpha_hat_ci_high'))}"
+            for b, e in entry["branches"].items())
+        click.echo(f"  {label}: {entry['verdict']}{stability} (α̂ {estimates})")
     for name, why in summary.get("skipped", {}).items():
         click.echo(f"  skipped {name}: {why}", err=True)
+
+
+def _interval(value, low, high) -> str:
+    """'0.96 [0.90, 1.02]' (JSON nulls, i.e. NaN, as '–')."""
+    def fmt(v):
+        return "–" if v is None else f"{v:.2f}"
+    return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
 
 
 @click.command("compare")
