@@ -270,7 +270,8 @@ def _markdown(ds: xr.Dataset, res: dict, figures: list[Path]) -> str:
                   f"{1 + laziness.LAZY_THRESHOLD:g}, lazy if below, otherwise (or if wider than "
                   f"{laziness.MAX_CI_WIDTH}, with fewer than {laziness.MIN_DEPTHS_FOR_VERDICT} depths, or with "
                   f"depths spanning less than {laziness.MIN_DEPTH_SPAN:g}x) inconclusive. sp/mup scale no LR "
-                  "with depth: they get 'not-lazy' (never 'complete'), and 'unstable' when their final stream grows with depth (depth coordinate check). Method and "
+                  "with depth: they get 'not-lazy' (never 'complete'), and 'unstable' when their final stream "
+                  "grows with depth (depth coordinate check). Method and "
                   "evidence: docs/ESTIMATOR.md.", "",
                   f"Probe steps averaged (common to every run): {_fmt(lz.attrs.get('steps', []))}."
                   + (f" Steps recorded by only some runs, left out: {_fmt(lz.attrs['dropped_steps'])}."
