@@ -194,7 +194,13 @@ def _fit(logv, depth, cells, finite_depth: bool, ci: float) -> tuple[tuple[float
     return (float(coef[0]), lo, hi, df), term
 
 
-def depth_slopes(table: pd.DataFrame, ci: float = stats.DEFAULT_CI, variable: str = "lin_ratio") -> pd.DataFrame:
+def depth_slopes(
+    table: pd.DataFrame,
+    ci: float = stats.DEFAULT_CI,
+    variable: str = "lin_ratio",
+    n_boot: int | None = None,
+    seed: int | None = None,
+) -> pd.DataFrame:
     """Slope of log `value` vs log depth per (param, branch), plain and finite-depth corrected, with α̂.
 
     `table` is `ratio_table`'s output (any frame with param, alpha, branch, width, lr, depth, seed,
@@ -204,6 +210,8 @@ def depth_slopes(table: pd.DataFrame, ci: float = stats.DEFAULT_CI, variable: st
     alpha_hat_ci_low, alpha_hat_ci_high (1 + slope/k from the plain fit, k the variable's order);
     n_depths, depths (list), min_seeds (fewest seeds at any depth), n_runs, df (residual degrees of
     freedom of the plain fit). Intervals are NaN when the fit leaves no degrees of freedom.
+    `n_boot` and `seed` belonged to the earlier bootstrap interval and have no effect (kept so that
+    callers written for it, e.g. the conformance and laziness-measure fits, keep working).
     Raises InsufficientSweepError when the table has fewer than two depths.
     """
     if table.empty or table["depth"].nunique() < 2:

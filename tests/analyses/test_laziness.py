@@ -294,3 +294,8 @@ def test_ratio_table_refuses_runs_with_no_common_step(tmp_path):
     with pytest.raises(InsufficientSweepError, match="share no probe step") as err:
         laziness.ratio_table(load.open_sweep(tmp_path / "s"))
     assert "a1_d2" in str(err.value) and "a1_d4" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_depth_slopes_accepts_the_bootstrap_arguments_of_earlier_callers():
+    table = _table(-0.3, seeds=range(3))
+    assert laziness.depth_slopes(table, n_boot=50, seed=3).equals(laziness.depth_slopes(table))
