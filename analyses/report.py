@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from analyses import coordcheck, laziness, profile, stats, transfer
+from analyses import coordcheck, laziness, laziness_measures, profile, run_laziness, stats, transfer
 from analyses.load import (
     SWEEP_DIMS,
     AnalysisError,
@@ -49,7 +49,10 @@ def _analyse(ds: xr.Dataset, n_boot: int, seed: int, window: tuple[int | None, i
 
     depths, widths = sweep_values(ds, "depth"), sweep_values(ds, "width")
     if len(depths) < 2:
-        res["skipped"]["laziness and depth coordinate check"] = f"the sweep has one depth ({depths[0]})"
+        res["skipped"]["laziness and depth coordinate check"] = (
+            f"the sweep has one depth ({depths[0]}); see 'Laziness in this run' for the per-layer measures")
+        if len(list_runs(ds)) == 1:
+            res["single_run"] = True
     else:
         if "lin_ratio" in ds:
             attempt("laziness", lambda: laziness.laziness(ds, window=window, n_boot=n_boot, seed=seed))
@@ -161,6 +164,7 @@ def _summary_from(ds: xr.Dataset, res: dict) -> dict:
                                "drift": _records(tr.drift[tr.drift["param"] == p].drop(columns=["param", "alpha"]))}
                            for p in tr.optima["param"].unique()}
     out["skipped"] = dict(res["skipped"])
+    out["missing_data"] = list(ds.attrs.get("missing_data", []))  # damaged stores: see load.missing_data
     return _clean(out)
 
 
@@ -181,7 +185,9 @@ def summarize(
     lin_ratio slope vs depth with ci_low/ci_high/theory/verdict and the nonlin_to_output slope);
     depth_coord_check and width_coord_check (per variable, per label: init and trained slopes with
     trends); concentration (per label and depth); transfer (per label: optima per depth, drift);
-    skipped (analysis → why it did not run). Sections whose analysis did not run are absent.
+    skipped (analysis → why it did not run); missing_data (one line per store variable whose
+    recorded steps have chunk files missing on disk; [] when all is readable). Sections whose
+    analysis did not run are absent.
     """
     ds = _open(ds_or_paths)
     return _summary_from(ds, _analyse(ds, n_boot, seed, window))
@@ -232,6 +238,14 @@ def _figures(ds: xr.Dataset, res: dict, out_dir: Path, dpi: int) -> list[Path]:
                 tables[f"{param}, L={r['depth']}: mlp_add"] = profile.layer_step_table(cell, component="mlp_add")
         if any((t.to_numpy() > 0).any() for t in tables.values()):  # all zero before the first update
             made["feature_updates_heatmap.png"] = figures.update_heatmap_figure(tables)
+    if "laziness" in res:  # the laziness measures side by side (analyses.laziness_measures)
+        tables = laziness_measures.measure_tables(ds)
+        if len(tables) > 1:
+            made["laziness_measures_vs_depth.png"] = laziness_measures.measures_figure(tables)
+    if res.get("single_run"):
+        tables = run_laziness.layer_step_tables(ds)
+        if tables and any(t.size for per in tables.values() for t in per.values()):
+            made["laziness_by_layer.png"] = run_laziness.laziness_heatmap_figure(tables)
     paths = []
     for name, fig in made.items():
         fig.savefig(out_dir / name, dpi=dpi)
@@ -259,6 +273,10 @@ def _markdown(ds: xr.Dataset, res: dict, figures: list[Path]) -> str:
     runs = list_runs(ds)
     lines = ["# Training-dynamics report", "", f"{len(runs)} run(s). Sweep: " + "; ".join(
         f"{d} = {_fmt(sweep_values(ds, d))}" for d in SWEEP_DIMS), ""]
+    if ds.attrs.get("missing_data"):
+        lines += ["## Warning: missing data", "", "Chunk files of these stores are missing on disk; the values "
+                  "below read as NaN and every number that uses them is computed without them:", ""]
+        lines += [f"- {line}" for line in ds.attrs["missing_data"]] + [""]
     if "laziness" in res:
         lz = res["laziness"]
         excluded = lz.attrs.get("excluded", [])
@@ -286,7 +304,9 @@ def _markdown(ds: xr.Dataset, res: dict, figures: list[Path]) -> str:
             summ = coordcheck.slope_summary(res[key][1])
             lines += [f"## {title}: {key.split(':', 1)[1]}", "",
                       f"Log-log slope vs {kind} at initialization (step 0) and median over steps ≥ 1; "
-                      f"flat means |slope| ≤ {coordcheck.FLAT_TOLERANCE}.", "", markdown_table(summ), ""]
+                      f"flat means |slope| ≤ {coordcheck.FLAT_TOLERANCE}; 'diverged' means seeds stopped on a "
+                      "non-finite loss or recorded ±inf (n_diverged): the slope is then over the survivors only.",
+                      "", markdown_table(summ), ""]
     if "concentration" in res:
         conc = res["concentration"].groupby(["param", "depth", "width", "lr"], sort=False)[
             ["entropy_norm", "frac_layers_50", "embed_share"]].mean().reset_index()
@@ -298,7 +318,11 @@ def _markdown(ds: xr.Dataset, res: dict, figures: list[Path]) -> str:
         tr = res["transfer"]
         lines += ["## Learning-rate transfer", "", "Optimal η_base per depth (quadratic fit in log2 lr; interval "
                   "over seeds, log2 units):", "", markdown_table(tr.optima), "",
-                  "Drift: slope of log2(lr*) vs log2(depth) (0 = transfers):", "", markdown_table(tr.drift), ""]
+                  "Drift: slope of log2(lr*) vs log2(depth) (0 = transfers); depths whose optimum sits at the "
+                  "grid's edge are left out of it (edge_depths). Runs that crashed without a non-finite loss "
+                  "(no bad_step) are missing (n_missing), not diverged:", "", markdown_table(tr.drift), ""]
+    if res.get("single_run"):
+        lines += run_laziness.summary_lines(ds)
     if res["skipped"]:
         lines += ["## Not analysed", ""] + [f"- {k}: {v}" for k, v in res["skipped"].items()] + [""]
     if figures:

@@ -14,7 +14,7 @@ synchronisations inside one plain training step (CUDA sync debug mode).
 Shape: width 768, depth 12, d_head 64 (12 heads), seq 1024, byte vocabulary (256, not GPT-2's 50257:
 the toolkit is byte-level; the unembedding is then 0.2% of the FLOPs instead of 28%). A step is 64
 sequences (4 micro-batches of 16, 65,536 tokens). Probes: ProbeConfig's default batch of 8 sequences,
-linearization in float32 (the CUDA default).
+linearization in float64 (the default on every device; gpu.json's `linearization_dtype` says which).
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ def main() -> None:
 @probe_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run dir (default: runs/<param>_w<width>_d<depth>_s<seed>_<time>).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (from "
+              "checkpoint.prev.pt, saying so, when checkpoint.pt cannot be read).")
 @click.option("--report/--no-report", "make_report", default=True, help="Write figures and summary.md at the end.")
 @click.option("--quiet", is_flag=True, help="Print only the run dir.")
 @click.option("--dist-backend", type=click.Choice(["auto", "gloo", "nccl"]), default="auto", show_default=True,
@@ -119,6 +120,11 @@ def execute_run(spec, probe_cfg, out: Path, resume: bool = False, quiet: bool = 
         recorder = ProbeRecorder(probe_cfg, out, spec)
         observers.append(recorder)
         extra["probes"] = probe_cfg.to_dict()
+        from probes.linearized_model import LinearizedModelRecorder, lin_steps
+
+        lin = lin_steps(spec.train.steps, probe_cfg.linearized)
+        if lin:
+            observers.append(LinearizedModelRecorder(out, lin, seed=probe_cfg.seed))
     trainer = Trainer(spec, out, observers=observers, extra_config=extra, quiet=quiet)
     trainer.extra_config["world_size"] = trainer.world  # config.json: how many processes trained it
     trainer.extra_config["torch_threads"] = torch.get_num_threads()  # ... and with how many CPU threads each
@@ -182,6 +188,11 @@ main.add_command(compare)
 main.add_command(check)
 
 main.add_command(sweep)
+
+from diagnose.conform import conform, linearize  # noqa: E402  (appended: conformance and the linearized model)
+
+main.add_command(conform)
+main.add_command(linearize)
 
 
 if __name__ == "__main__":

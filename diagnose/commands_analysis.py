@@ -24,6 +24,29 @@ class AnalysisFailed(click.ClickException):
 
 
 @contextlib.contextmanager
+def _missing_data_as_lines():
+    """Show the analyses' MissingDataWarning as one "warning: ..." line each on stderr (no source echo)."""
+    import warnings
+
+    from analyses.load import MissingDataWarning
+
+    # Only MissingDataWarning is rerouted, as it is raised: recording every warning (record=True)
+    # kept numpy's per-call RuntimeWarnings on NaN records too and made a damaged report crawl.
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
+        warnings.simplefilter("always", MissingDataWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, MissingDataWarning):
+                click.echo(f"warning: {message}", err=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+@contextlib.contextmanager
 def _one_line_errors():
     """Turn the analyses' input errors (and unreadable files) into one clean line, no traceback."""
     from analyses.load import AnalysisError
@@ -69,7 +92,7 @@ def report(dirs: tuple[Path, ...], out: Path | None, as_json: bool, dpi: int, n_
     from analyses.report import write_report
 
     out = out if out is not None else dirs[0] / "report"
-    with _one_line_errors():
+    with _one_line_errors(), _missing_data_as_lines():
         summary = write_report(list(dirs), out, n_boot=n_boot, seed=boot_seed, window=(min_step, None), dpi=dpi)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -107,7 +130,7 @@ def compare(dir_a: Path, dir_b: Path, as_json: bool) -> None:
 
     from analyses.report import compare_runs
 
-    with _one_line_errors():
+    with _one_line_errors(), _missing_data_as_lines():
         table = compare_runs(dir_a, dir_b)
     if as_json:
         clean = table.astype(object).where(pd.notna(table), None)
@@ -134,13 +157,18 @@ def check(dirs: tuple[Path, ...], expect: str, params: tuple[str, ...], n_boot: 
 
     Fits the slope of the linearization ratio vs depth, with a Student-t interval over runs, for each
     parameterization in DIRS and compares its verdict with --expect: exit 0 when all match, 1
-    (saying why) when one does not, 2 on bad input (e.g. runs at a single depth).
+    (saying why) when one does not, 2 on bad input (e.g. runs at a single depth, or a store with
+    recorded steps whose chunk files are missing on disk).
     """
     from analyses.laziness import expectation_met, laziness, param_verdicts, stream_trends
     from analyses.load import AnalysisError, normalize_label, open_sweep
 
     with _one_line_errors():
-        ds = open_sweep(list(dirs))
+        with _missing_data_as_lines():
+            ds = open_sweep(list(dirs))
+        if ds.attrs.get("missing_data"):  # a verdict from records that read partly as NaN is not one to trust
+            raise AnalysisFailed(f"cannot check: {len(ds.attrs['missing_data'])} store variable(s) have recorded "
+                                 "steps missing on disk (listed above); restore or re-record them")
         table = laziness(ds, window=(min_step, None))
         verdicts = param_verdicts(table, stream_trends(ds))
         wanted = [normalize_label(p) for p in params] or list(verdicts["param"])

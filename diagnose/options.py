@@ -78,6 +78,12 @@ def _run_option_list(lists: bool) -> list[Callable]:
         click.option("--token-dtype", type=click.Choice(["", "uint16", "uint32"]), default="",
                      help="Token file dtype."),
         click.option("--vocab-size", type=int, default=256, show_default=True, help="Vocabulary (256 for bytes)."),
+        click.option("--ablate", default="", show_default=False,
+                     help="DEBUG: break Table 1 on purpose (comma-separated: no-depth-lr, no-branch-multiplier, "
+                          "global-eps, sp-init), to see `diagnose conform` catch it."),
+        click.option("--dist", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
+                     help="Several processes (torchrun, Slurm): ddp keeps the whole model on each; fsdp (FSDP2) "
+                          "shards parameters, gradients and optimizer state (docs/SCALE_OUT.md)."),
     ]
 
 
@@ -91,14 +97,23 @@ probe_options = _stack([
     click.option("--probe-early/--no-probe-early", default=True, show_default=True,
                  help="Also probe on the log-spaced early schedule 1, 2, 4, ... below --probe-every."),
     click.option("--probe-batch", type=int, default=8, show_default=True, help="Sequences in the probe batch."),
-    click.option("--probe-dtype", type=click.Choice(["auto", "float64", "float32"]), default="auto",
-                 show_default=True, help="Linearization precision (auto: float64 on CPU, float32 on CUDA)."),
+    click.option("--probe-dtype", type=click.Choice(["auto", "float64", "float32"]), default="float64",
+                 show_default=True,
+                 help="Linearization precision, float64 on every device (auto: the same). float32: values "
+                      "under 10x their measured round-off floor are NaN, flagged in lin_below_floor (in the "
+                      "measured runs: every value at LR factors <= 0.01). Cost of float64: on a GPU not "
+                      "measured (no GPU lent); on a CPU 1.10x float32 (benchmarks/RESULTS.md)."),
     click.option("--probe-lin-batch", type=int, default=1, show_default=True,
                  help="Sequences of the probe batch used for the linearization error (0: all)."),
     click.option("--probe-flush", type=int, default=32, show_default=True,
                  help="Probe steps buffered before each append to the store."),
     click.option("--probe-flush-seconds", type=float, default=60.0, show_default=True,
                  help="Append sooner once this many seconds have passed since the last append."),
+    click.option("--probe-linearized", type=click.IntRange(min=0), default=4, show_default=True,
+                 help="Log-spaced steps (ending at the last) at which the block-linearized model's loss is "
+                      "measured (0: off)."),
+    click.option("--probe-feature-batch", type=click.IntRange(min=0), default=2, show_default=True,
+                 help="Sequences of the probe batch used for the feature change since init (0: all)."),
 ])
 
 
@@ -121,7 +136,7 @@ def build_spec(opts: dict[str, Any]):
         name=name, alpha=alpha, width=opts["width"], depth=opts["depth"], base_width=opts["base_width"],
         base_depth=opts["base_depth"], sigma_base=opts["sigma"], lr_base=opts["lr"], wd_base=opts["wd"],
         eps_base=opts["eps"], d_head=opts["head_size"], eps_scope=opts["eps_scope"],
-        mup_variant=opts["mup_variant"], attn_scale=opts["attn_scale"],
+        mup_variant=opts["mup_variant"], attn_scale=opts["attn_scale"], ablate=opts.get("ablate", ""),
     )
     model = ModelConfig(seq_len=opts["seq_len"], vocab_size=opts["vocab_size"], tie_embeddings=opts["tie_embeddings"])
     data = DataConfig(source=opts["data"], token_dtype=opts["token_dtype"], vocab_size=opts["vocab_size"])
@@ -132,13 +147,16 @@ def build_spec(opts: dict[str, Any]):
         eval_batch_size=opts["eval_batch_size"],
         checkpoint_every=opts["checkpoint_every"], log_every=opts["log_every"],
         seed=opts["seed"], device=opts["device"], dtype=opts["dtype"], compile=opts["compile_"],
+        dist=opts["dist"],
     )
     validate_train(train)
     probes = None
     if opts["probes"]:
         probes = ProbeConfig(every=opts["probe_every"], early=opts["probe_early"], batch_size=opts["probe_batch"],
                              dtype=opts["probe_dtype"], lin_batch_size=opts["probe_lin_batch"],
-                             flush_every=opts["probe_flush"], flush_seconds=opts["probe_flush_seconds"])
+                             flush_every=opts["probe_flush"], flush_seconds=opts["probe_flush_seconds"],
+                             linearized=opts.get("probe_linearized", 4),
+                             feature_batch_size=opts.get("probe_feature_batch", 2))
     return RunSpec(param=param, model=model, data=data, train=train), probes
 
 

@@ -40,6 +40,13 @@ class ModelAdapter:
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def internal_sites(self, layer: int) -> dict[str, SiteSpec]:
+        """Where block `layer`'s internal features are read, inside its branch modules (CONTRACT.md):
+        "mlp_hidden" (input of the MLP's output projection: the activation after the non-linearity),
+        "attn_mix" (input of the attention's output projection: heads' weighted values), and, where
+        the model exposes them on its linearizable path, "attn_logits" and "attn_probs"."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose internal sites")
+
     def parameter_roles(self) -> dict[str, str]:
         """Parameter name → role (see probes.schema.ROLES)."""
         raise NotImplementedError
@@ -73,6 +80,12 @@ class GPTAdapter(ModelAdapter):
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model(batch[:, :-1], batch[:, 1:])
+
+    def internal_sites(self, layer: int) -> dict[str, SiteSpec]:
+        block = self.model.blocks[layer]
+        attn = block.attn_branch.attn
+        return {"mlp_hidden": SiteSpec(block.mlp_branch.proj, "input"), "attn_mix": SiteSpec(attn.proj, "input"),
+                "attn_logits": SiteSpec(attn.logits_hook), "attn_probs": SiteSpec(attn.probs_hook)}
 
     def parameter_roles(self) -> dict[str, str]:
         return {name: role.value for name, role in self.model.parameter_roles().items()}

@@ -8,24 +8,60 @@ and the ratios ‖nl‖/‖lin‖ (expected ∝ m_L^(α−1)) and ‖nl‖/‖F�
 This is the whole batch and every parameter of the branch (LayerNorm included), not one coordinate
 of one matrix: the authors' notebook broadcast row 0 of ΔW over the full gradient, which measures
 the update's size rather than the branch's non-linearity.
+
+Precision. nl is a small difference of two large evaluations, so each evaluation's round-off lands
+in it whole: in float32 that is about eps32 · ‖F‖ ≈ 1e-7 ‖F‖ per evaluation, while ‖nl‖ shrinks with
+the square of the update (with the square of the LR factor: 1e-4 of its peak value at a factor of
+0.01, in warmup or at the end of a decay). There float32 measures round-off, not the branch: the
+α = ½ depth slope of lin_ratio flips sign (benchmarks/RESULTS.md, "Linearization precision").
+Float64 (the default on every device) puts the floor ~5e8 times lower, exact to the precision the
+parameters and activations are stored in (float32). Float32 evaluation is allowed only with a
+*measured* floor per branch and probe step: one extra float64 evaluation of F(h; θ_t) gives the
+float32 evaluation's actual round-off r = F32 − F64, and the floor of the difference of two such
+evaluations is √2 · ‖r‖ (independent round-offs add in quadrature). Where ‖nl‖ < LIN_FLOOR_MULTIPLE
+× floor, the recorded ‖nl‖ and both ratios are NaN and `below_floor` is set: a value is never a
+number that round-off made. At the multiple 10 the round-off left in an accepted value is ≤ 10% of
+it (≈ 0.5% bias, round-off being nearly orthogonal to nl). Against the float32 error measured
+directly (float32 nl minus float64 nl) the floor was within 0.9–1.1× at small updates, where it
+decides, and up to 2.6× low at first-step updates of ~10% of F, where nl is ~1e5 floors above it.
+Being measured rather than assumed (eps32 · ‖F‖), the floor also covers float32 matmuls that run
+as TF32 on a GPU (`torch.set_float32_matmul_precision("high")`: 10-bit mantissa).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
+from probes.schema import LIN_FLOOR_MULTIPLE
+
 
 @dataclass
 class LinearizationResult:
-    """Frobenius norms over the batch (0-d tensors, still on the device)."""
+    """Frobenius norms over the batch (0-d tensors, still on the device).
+
+    `nonlin_norm` is NaN where it sits below the round-off floor (`below_floor`); `nonlin_norm_raw`
+    is the number as computed. `nonlin_floor` is NaN when no floor was measured (float64 evaluation).
+    """
 
     branch_norm: torch.Tensor  # ‖F(h; θ_t)‖
     lin_norm: torch.Tensor  # ‖J Δθ‖
-    nonlin_norm: torch.Tensor  # ‖F(θ_t+Δθ) − F(θ_t) − J Δθ‖
+    nonlin_norm_raw: torch.Tensor  # ‖F(θ_t+Δθ) − F(θ_t) − J Δθ‖ as evaluated
+    nonlin_floor: torch.Tensor  # √2 ‖F32(θ_t) − F64(θ_t)‖: round-off floor of ‖nl‖ (NaN: not measured)
+
+    @property
+    def below_floor(self) -> torch.Tensor:
+        """True where ‖nl‖ < LIN_FLOOR_MULTIPLE × floor (always False when no floor was measured)."""
+        return self.nonlin_norm_raw < LIN_FLOOR_MULTIPLE * self.nonlin_floor  # NaN floor compares False
+
+    @property
+    def nonlin_norm(self) -> torch.Tensor:
+        """‖nl‖, or NaN where round-off could make up a tenth of it or more."""
+        return self.nonlin_norm_raw.masked_fill(self.below_floor, math.nan)
 
     @property
     def lin_ratio(self) -> torch.Tensor:
@@ -42,28 +78,36 @@ def branch_linearization(
     params_before: dict[str, torch.Tensor],
     params_after: dict[str, torch.Tensor],
     dtype: torch.dtype = torch.float64,
+    measure_floor: bool = True,
 ) -> LinearizationResult:
     """Linearization error of `branch(h)` for the update params_before → params_after.
 
     `params_*` map the branch's own parameter names (as `branch.named_parameters()` gives them) to
     tensors. Evaluation is in `dtype` (float64 by default: the ratios can be ~1e-6, far below float32
-    round-off of F(θ_t+Δθ) − F(θ_t)). Differences Δθ are taken after the cast, in `dtype`.
+    round-off of F(θ_t+Δθ) − F(θ_t)). Differences Δθ are taken after the cast, in `dtype`. Below
+    float64, the round-off floor is measured with one float64 evaluation of F(h; θ_t) (module
+    docstring) unless `measure_floor` is False (benchmarks only: the values are then unguarded).
     """
     theta = {k: v.detach().to(dtype) for k, v in params_before.items()}
     delta = {k: params_after[k].detach().to(dtype) - theta[k] for k in theta}
     x = h.detach().to(dtype)
 
-    def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return functional_call(branch, p, (x,))
+    def f(p: dict[str, torch.Tensor], inputs: torch.Tensor = x) -> torch.Tensor:
+        return functional_call(branch, p, (inputs,))
 
     with torch.no_grad():
         out, lin = jvp(f, (theta,), (delta,))
         after = f({k: theta[k] + delta[k] for k in theta})
         nonlin = after - out - lin
+        floor = torch.full((), math.nan, device=out.device)
+        if dtype != torch.float64 and measure_floor:
+            exact = f({k: v.detach().double() for k, v in params_before.items()}, h.detach().double())
+            floor = math.sqrt(2) * torch.linalg.vector_norm(out.double() - exact)
     return LinearizationResult(
         branch_norm=torch.linalg.vector_norm(out),
         lin_norm=torch.linalg.vector_norm(lin),
-        nonlin_norm=torch.linalg.vector_norm(nonlin),
+        nonlin_norm_raw=torch.linalg.vector_norm(nonlin),
+        nonlin_floor=floor.to(out.dtype),
     )
 
 

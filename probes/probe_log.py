@@ -13,6 +13,10 @@ to `<dir>/probes.zarr` every `flush_every` probe steps, or sooner once `flush_se
 since the last append (so that a reader of a slow run is never far behind), and on `flush()`/`close()`.
 An append costs about the same whatever it carries (~0.1 s on a CPU, mostly zarr metadata), which
 is why it is batched. `ProbeRecorder` is this, driven by the toolkit's own `Trainer`.
+
+Several processes: only the writing process (by default rank 0) touches the store. Around an FSDP2
+loop, create the `ProbeLog` and call `update` on every rank: a probe step is then a collective (see
+`probes.session`), and every rank measures the same values; rank 0 records them.
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ from probes.schema import SCHEMA_VERSION, STORE_NAME, VARIABLES, coords_for
 from probes.session import ProbeSession
 from probes.statistics import USER_STATISTICS
 from probes.store import RecordStore
+from trainer.distributed import is_main_process
 
 # Defaults shared with `ProbeConfig` (the recorder's settings). Why these values: ProbeConfig's comments.
 LIN_BATCH_SIZE = 1  # probe sequences the linearization error is evaluated on
+FEATURE_BATCH_SIZE = 2  # probe sequences the feature change since θ_0 is evaluated on
 FLUSH_EVERY = 32  # probe steps per store append ...
 FLUSH_SECONDS = 60.0  # ... or fewer, once this long has passed since the last append
 
@@ -81,9 +87,11 @@ class ProbeLog:
         groups: list[str] | None = None,
         dtype: torch.dtype | None = None,
         lin_batch_size: int | None = LIN_BATCH_SIZE,
+        feature_batch_size: int | None = FEATURE_BATCH_SIZE,
         flush_every: int = FLUSH_EVERY,
         flush_seconds: float = FLUSH_SECONDS,
         append: bool = False,
+        write: bool | None = None,
     ):
         """`steps`: the probe steps (None: every step `update` is called with); `attrs`: stored on the
         records (`param`, `alpha`, `width`, `depth`, `lr`, `seed`, `label`, as `analyses` reads them;
@@ -91,13 +99,18 @@ class ProbeLog:
         group's `initial_lr` or `lr` at the first probe step: pass the base LR for a multi-group
         optimizer); `groups`: optimizer group names for `effective_lr` (default: from the first
         optimizer passed to `update`, else "all"); `dtype`: linearization precision (None: float64
-        on a CPU, float32 on CUDA); `lin_batch_size`: probe sequences for the linearization error
-        (None: all); `append`: continue an existing store (a resumed run) instead of refusing it."""
-        if dtype is None:
-            dtype = torch.float32 if probe_batch.device.type == "cuda" else torch.float64
-        self.session = ProbeSession(adapter, probe_batch, dtype, lin_batch_size=lin_batch_size)
+        on every device; float32 records values below its measured round-off floor as NaN, flagged in
+        `lin_below_floor`: probes/linearization.py); `lin_batch_size`: probe sequences for the linearization error
+        (None: all); `feature_batch_size`: the same for the feature change since θ_0; `append`:
+        continue an existing store (a resumed run) instead of refusing it; `write`: whether this process
+        records (None: rank 0 of torch.distributed, or no process group)."""
+        if dtype is None:  # float64 on CUDA too: float32 round-off swamps ‖nl‖ at small LR factors
+            dtype = torch.float64
+        self.session = ProbeSession(adapter, probe_batch, dtype, lin_batch_size=lin_batch_size,
+                                    feature_batch_size=feature_batch_size)
         self.path = Path(run_dir) / STORE_NAME
-        if self.path.exists() and not append:
+        self.write = is_main_process() if write is None else write
+        if self.write and self.path.exists() and not append:
             raise FileExistsError(f"{self.path} already holds probe records; use another directory, remove it, "
                                   "or pass append=True to continue it")
         self.steps = None if steps is None else set(steps)
@@ -142,7 +155,9 @@ class ProbeLog:
         if unknown:  # fail now, not at the next append
             raise KeyError(f"probe scalars {unknown} are not declared in probes.schema; known scalars include "
                            "train_loss, val_loss")
-        values = self.session.after_update(step)
+        values = self.session.after_update(step)  # on every rank when sharded: it holds collectives
+        if not self.write:
+            return
         if optimizer is not None:
             if self.groups is None:
                 self.groups = group_names(optimizer)

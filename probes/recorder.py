@@ -4,7 +4,8 @@ Schedule: step 0, a log-spaced early schedule (1, 2, 4, 8, ... below `every`, si
 most), every `every` steps, and the last step. Buffering, the single host transfer per probe step and
 the appends to `<run_dir>/probes.zarr` are `ProbeLog`'s; the trainer's checkpoints also flush, so a
 resume finds every probe step before its checkpoint on disk. Probes run on rank 0 only, on the eager
-module behind any DDP or compile wrapper.
+module behind any DDP or compile wrapper; under FSDP2 on every rank (a forward is a collective), and
+rank 0 alone records.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from probes.adapters import GPTAdapter
-from probes.probe_log import FLUSH_EVERY, FLUSH_SECONDS, LIN_BATCH_SIZE, ProbeLog, group_names
+from probes.probe_log import FEATURE_BATCH_SIZE, FLUSH_EVERY, FLUSH_SECONDS, LIN_BATCH_SIZE, ProbeLog, group_names
 from probes.schema import STORE_NAME
 from probes.session import ProbeSession
 from probes.store import RecordStore
+from trainer.distributed import probes_on_every_rank
 from trainer.errors import ConfigError
 from trainer.observers import Observer
 
@@ -36,7 +38,10 @@ class ProbeConfig:
     every: int = 25  # probe every K steps (plus step 0, the early log schedule and the last step)
     early: bool = True  # also probe at 1, 2, 4, 8, ... below `every`
     batch_size: int = 8  # sequences in the fixed probe batch (held-out data)
-    dtype: str = "auto"  # linearization precision: auto = float64 on CPU, float32 on CUDA
+    # Linearization precision: float64 on every device ("auto" is kept for stored configs and now
+    # means float64 too; it meant float32 on CUDA before). float32: values below the measured
+    # round-off floor are NaN, flagged (probes/linearization.py).
+    dtype: str = "float64"
     # Sequences of the probe batch (the first ones) over which the linearization error is evaluated;
     # 0 = all. Against all eight, one sequence of 64 tokens moved the layer-averaged ratios by a median
     # 1% (max 6%) on 18 depth-sweep checkpoints, where the depth effect is 4×, at a fifth of the
@@ -45,6 +50,13 @@ class ProbeConfig:
     flush_every: int = FLUSH_EVERY  # probe steps buffered before each append to the store ...
     flush_seconds: float = FLUSH_SECONDS  # ... or fewer, once this long has passed since the last append
     seed: int = 0  # which held-out windows form the probe batch
+    # Steps (log-spaced, ending at the last) at which the block-linearized model is evaluated
+    # (probes.linearized_model; float64 on a CPU, its own store); 0 = off.
+    linearized: int = 4
+    # Sequences of the probe batch (the first ones) for the feature change since θ_0
+    # (probes.feature_change); 0 = all. Two keep its cost near a fifth of a training step at k = 10
+    # (benchmarks/RESULTS.md, "Laziness measures: cost").
+    feature_batch_size: int = FEATURE_BATCH_SIZE
 
     def __post_init__(self) -> None:
         for name in ("every", "batch_size", "flush_every"):
@@ -102,21 +114,23 @@ class ProbeRecorder(Observer):
         self.log = ProbeLog(
             GPTAdapter(trainer.eager_model), batch, self.run_dir, steps=self.steps, attrs=attrs,
             groups=group_names(trainer.optimizer),
-            dtype=None if self.config.dtype == "auto" else getattr(torch, self.config.dtype),  # None: by device
-            lin_batch_size=self.config.lin_batch_size or None, flush_every=self.config.flush_every,
+            dtype=None if self.config.dtype == "auto" else getattr(torch, self.config.dtype),  # None: float64
+            lin_batch_size=self.config.lin_batch_size or None,
+            feature_batch_size=self.config.feature_batch_size or None, flush_every=self.config.flush_every,
             flush_seconds=self.config.flush_seconds, append=True,  # a resumed run continues its store
+            write=trainer.is_main,
         )
         if self._state:
             self.log.session.load_state_dict(self._state)
 
     def before_update(self, step: int, trainer: Trainer) -> None:
-        if not trainer.is_main:
+        if not (trainer.is_main or probes_on_every_rank(trainer.model)):
             return
         self._setup(trainer)
         self.log.before_update(step)
 
     def after_update(self, step: int, trainer: Trainer) -> None:
-        if not trainer.is_main:
+        if not (trainer.is_main or probes_on_every_rank(trainer.model)):
             return
         self.log.after_update(step, trainer.optimizer, train_loss=trainer.last_loss,
                               val_loss=trainer.last_val_loss)

@@ -94,7 +94,56 @@ VARIABLES: dict[str, Variable] = {
     "probe_loss": Variable((), "nats/token", "loss on the fixed probe batch at θ_t"),
     "train_loss": Variable((), "nats/token", "training loss of the step's batch"),
     "val_loss": Variable((), "nats/token", "held-out loss at the nearest validation (NaN if none yet)"),
+    # --- weight-driven change of internal features since θ_0 (probes.feature_change) ---------------
+    "feature_change": Variable(
+        ("layer", "branch"), "1",
+        "||φ(h; θ_t) - φ(h; θ_0)|| / ||φ(h; θ_0)|| on the branch's current input h; φ = MLP hidden activation "
+        "(after the non-linearity) or attention's weighted values: expect ∝ m_L^(α-1)",
+    ),
+    "feature_cka": Variable(
+        ("layer", "branch"), "1", "linear CKA between φ(h; θ_t) and φ(h; θ_0) over probe tokens: 1 - CKA ∝ m_L^(2(α-1))"
+    ),
+    "attn_pattern_change": Variable(
+        ("layer",), "1", "||P(h; θ_t) - P(h; θ_0)|| / ||P(h; θ_0)|| of the attention pattern P on the current input h"
+    ),
+    # --- block-linearized model (probes.linearized_model; its own store, LINEARIZED_STORE_NAME) -----
+    "linearized_loss": Variable(
+        (), "nats/token", "held-out loss of the block-linearized model (every branch: F(θ_0) + J F(θ_0)(θ_t - θ_0))"
+    ),
+    "linearized_model_loss": Variable((), "nats/token", "held-out loss of the real model at θ_t (same batch)"),
+    "linearized_init_loss": Variable((), "nats/token", "held-out loss of the model at θ_0 (same batch)"),
+    "linearized_share": Variable(
+        (), "1", "(init loss - linearized loss) / (init loss - model loss): the learning the lazy surrogate keeps"
+    ),
+    "linearized_block_loss": Variable(
+        ("layer",), "nats/token", "held-out loss with only this block's branches linearized (all others real)"
+    ),
+    "linearized_frozen_loss": Variable(
+        (), "nats/token", "held-out loss with every branch kept at θ_0 (F(h; θ_0)), the rest at θ_t"
+    ),
+    "linearized_blocks_share": Variable(
+        (), "1", "(frozen loss - linearized loss) / (frozen loss - model loss): the blocks' learning kept"
+    ),
 }
+# The block-linearized model's records live beside the probe store, on their own steps.
+LINEARIZED_STORE_NAME = "linearized.zarr"
+LINEARIZED_VARIABLES: tuple[str, ...] = ("linearized_loss", "linearized_model_loss", "linearized_init_loss",
+                                         "linearized_share", "linearized_block_loss", "linearized_frozen_loss",
+                                         "linearized_blocks_share")
+
+# A float32 linearization error is recorded only where ‖nl‖ is at least this many times its measured
+# round-off floor (probes/linearization.py); below it ‖nl‖ and both ratios are NaN, flagged.
+LIN_FLOOR_MULTIPLE = 10.0
+VARIABLES["nonlin_floor"] = Variable(
+    ("layer", "branch"), "activation",
+    "measured round-off floor of ||nl|| when the linearization runs in float32: sqrt(2) ||F32(h; θ_t) - "
+    "F64(h; θ_t)||; NaN when it runs in float64 (floor ~5e8 times lower, not measured)",
+)
+VARIABLES["lin_below_floor"] = Variable(
+    ("layer", "branch"), "1",
+    f"1 where ||nl|| < {LIN_FLOOR_MULTIPLE:g} x nonlin_floor: nonlin_norm, lin_ratio and nonlin_to_output are "
+    "NaN there (round-off, not a measurement); 0 elsewhere",
+)
 
 STORE_NAME = "probes.zarr"
 METRICS_NAME = "metrics.jsonl"

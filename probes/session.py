@@ -8,28 +8,39 @@
 Probes run their own forward (and backward) on a fixed probe batch through the eager module; the
 training step is never hooked. Nothing here touches `.grad` of a parameter or any RNG, so training
 is bitwise the same with probes on or off. Values stay on the device until the caller transfers them.
+
+Sharded parameters (FSDP2): every rank calls `before_update`/`after_update` (a forward of a sharded
+model is a collective). Each rank runs the probe forward/backward on the whole probe batch, so the
+activation statistics need no reduction; sums over parameters add the ranks' shards in one
+all-reduce (`trainer.distributed.squared_norms`); the linearization all-gathers θ_t and θ_{t+1} of
+one branch at a time, the branches are split over the ranks by size, and their norms summed
+across ranks once. Every rank ends with the same values; the caller decides who records them.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import torch
 
 from probes.adapters import ModelAdapter
+from probes.feature_change import FeatureChange
 from probes.hooks import capture
 from probes.linearization import LinearizationResult, branch_linearization
 from probes.schema import BRANCHES
 from probes.statistics import USER_STATISTICS, ProbeContext, builtin_statistics
+from trainer.distributed import full_parameters, my_share, probes_on_every_rank, sum_across_ranks
 
 
 class ProbeSession:
     """Holds the probe batch and the reference activations (step 0 and the previous probe step)."""
 
     def __init__(self, adapter: ModelAdapter, probe_batch: torch.Tensor, dtype: torch.dtype = torch.float64,
-                 lin_batch_size: int | None = None):
+                 lin_batch_size: int | None = None, feature_batch_size: int | None = None):
         """`lin_batch_size`: evaluate the linearization error on the first that many sequences of the
-        probe batch only (None: all); every other statistic uses the whole batch."""
+        probe batch only (None: all); `feature_batch_size`: the same for the feature change since
+        θ_0 (probes.feature_change); every other statistic uses the whole batch."""
         if lin_batch_size is not None and lin_batch_size <= 0:
             raise ValueError(f"lin_batch_size={lin_batch_size} must be positive (or None for the whole batch)")
         self.adapter, self.batch, self.dtype = adapter, probe_batch, dtype
@@ -41,6 +52,11 @@ class ProbeSession:
         self._global_names = {id(p): n for n, p in adapter.model.named_parameters()}
         self._branches: list[tuple[tuple[int, str], torch.nn.Module, str, dict[str, str]]] | None = None
         self._pending: dict[str, Any] | None = None
+        self.features = FeatureChange(adapter, feature_batch_size)  # keeps θ_0 of the blocks
+        # Sharded parameters: the most bytes of whole (gathered) parameters held at once by the
+        # linearization, θ_t and θ_{t+1} of one branch; and which branches this rank evaluated.
+        self.lin_gathered_peak_bytes = 0
+        self.lin_branches_here: list[tuple[int, str]] = []
 
     def before_update(self, step: int) -> None:
         """Measure at θ_t: activations, the stream gradients and a snapshot of θ_t."""
@@ -80,6 +96,13 @@ class ProbeSession:
         )
         values = builtin_statistics(ctx)
         values["probe_loss"] = pending["loss"].float()
+        # The round-off guard of a float32 linearization (NaN floor and 0 in float64).
+        table = [[lin[(layer, b)] for b in BRANCHES] for layer in range(self.adapter.depth)]
+        values["nonlin_floor"] = torch.stack([torch.stack([r.nonlin_floor for r in row]) for row in table]).float()
+        values["lin_below_floor"] = torch.stack([torch.stack([r.below_floor for r in row]) for row in table]).float()
+        if self.features.theta0 is None:  # the first probe step's θ_t is the reference θ_0
+            self.features.set_reference(pending["before"])
+        values.update({k: v.float() for k, v in self.features.measure(acts, pending["before"]).items()})
         for name, stat in USER_STATISTICS.items():
             values[name] = stat.fn(ctx)
         self.prev = acts
@@ -96,7 +119,8 @@ class ProbeSession:
         `params_*` map model parameter names to θ_t and θ_{t+1}; evaluated in `self.dtype`, on the first
         `self.lin_batch_size` sequences (all when None; branches act on each sequence alone). This is
         most of a probe step's cost: per branch, the JVP (primal and tangent) and F(θ + Δθ), in
-        float64 on a CPU (see benchmarks/RESULTS.md).
+        float64 by default (see benchmarks/RESULTS.md); in float32 also one float64 F(θ) for the
+        round-off floor (probes/linearization.py).
         """
         if self._branches is None:  # branch modules and their parameter names never change
             self._branches = []
@@ -105,16 +129,38 @@ class ProbeSession:
                     branch, input_site = self.adapter.branch(layer, name)
                     self._branches.append(((layer, name), branch, input_site, self._local_names(branch)))
         lin = {}
+        model = self.adapter.model
+        sharded = probes_on_every_rank(model)
+        # Split by cost (∝ the branch's parameter count) so that MLP branches do not pile up on one rank.
+        mine = my_share([sum(p.numel() for p in b.parameters()) for _, b, _, _ in self._branches], model)
         with self.adapter.linearizable():
-            for key, branch, input_site, local in self._branches:
-                lin[key] = branch_linearization(
-                    branch,
-                    acts[(key[0], input_site)][: self.lin_batch_size],
-                    {k: params_before[g] for k, g in local.items()},
-                    {k: params_after[g] for k, g in local.items()},
-                    dtype=self.dtype,
-                )
+            for i, (key, branch, input_site, local) in enumerate(self._branches):
+                # Whole tensors of this branch only (sharded: an all-gather every rank takes part in).
+                before = full_parameters({k: params_before[g] for k, g in local.items()})
+                after = full_parameters({k: params_after[g] for k, g in local.items()})
+                if sharded:
+                    held = sum(t.numel() * t.element_size() for t in (*before.values(), *after.values()))
+                    self.lin_gathered_peak_bytes = max(self.lin_gathered_peak_bytes, held)
+                if i in mine:
+                    lin[key] = branch_linearization(
+                        branch, acts[(key[0], input_site)][: self.lin_batch_size], before, after, dtype=self.dtype,
+                    )
+                del before, after  # free this branch's whole tensors before gathering the next
+        self.lin_branches_here = list(lin)
+        if sharded:
+            lin = self._share(lin)
         return lin
+
+    def _share(self, lin: dict[tuple[int, str], LinearizationResult]) -> dict[tuple[int, str], LinearizationResult]:
+        """Every branch's norms on every rank: each rank fills its own rows, one sum across ranks."""
+        keys = [key for key, *_ in self._branches]
+        names = [f.name for f in fields(LinearizationResult)]  # every stored norm (a NaN floor stays NaN)
+        table = torch.zeros(len(keys), len(names), dtype=torch.float64, device=self.batch.device)
+        for i, key in enumerate(keys):
+            if key in lin:
+                table[i] = torch.stack([getattr(lin[key], n).to(table.dtype) for n in names])
+        table = sum_across_ranks(table)
+        return {key: LinearizationResult(*table[i].unbind()) for i, key in enumerate(keys)}
 
     def _local_names(self, branch: torch.nn.Module) -> dict[str, str]:
         """Branch-local parameter name → model parameter name (matched by identity, not by string)."""
@@ -124,10 +170,11 @@ class ProbeSession:
         """References for resume: {"ref0": [...], "prev": [...]} as lists of tensors in site order."""
         keys = sorted(self.adapter.sites())
         pack = lambda d: None if d is None else [d[k].cpu() for k in keys]  # noqa: E731
-        return {"ref0": pack(self.ref0), "prev": pack(self.prev)}
+        return {"ref0": pack(self.ref0), "prev": pack(self.prev), "theta0": self.features.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         keys = sorted(self.adapter.sites())
         device = self.batch.device
         unpack = lambda v: None if v is None else {k: t.to(device) for k, t in zip(keys, v)}  # noqa: E731
         self.ref0, self.prev = unpack(state.get("ref0")), unpack(state.get("prev"))
+        self.features.load_state_dict(state.get("theta0"), device)

@@ -20,6 +20,7 @@ import torch
 
 from probes.linearization import LinearizationResult
 from probes.schema import BLOCK_ROLES, BRANCHES, EMBED_SITE, FINAL_SITE, GLOBAL_ROLES, SITES
+from trainer.distributed import squared_norms
 
 
 @dataclass
@@ -81,10 +82,10 @@ def _update_norms(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     names = list(ctx.params_before)
     before = [ctx.params_before[n].float() for n in names]
     delta = [ctx.params_after[n].float() - b for n, b in zip(names, before)]
-    d2 = torch.stack(torch._foreach_norm(delta)).pow(2)
-    w2 = torch.stack(torch._foreach_norm(before)).pow(2)
+    # Σx² per tensor; FSDP2 shards (DTensors) add up across ranks in one all-reduce.
+    d2, w2 = squared_norms(delta + before).split(len(names))
     device = d2.device
-    numel = torch.tensor([float(b.numel()) for b in before], device=device)
+    numel = torch.tensor([float(b.numel()) for b in before], device=device)  # a DTensor's numel is global
     # Scatter tensors into (layer, role) cells: one index per tensor, built on the host.
     n_block = ctx.depth * len(BLOCK_ROLES)
     index = []

@@ -40,7 +40,9 @@ class RecordStore:
         for dim, values in self.coords.items():
             if any(dim in self.dims[n] for n in data):
                 coords[dim] = np.asarray(values)
-        return xr.Dataset(data, coords=coords, attrs=self.attrs)
+        # Every chunk is written, all-NaN ones too, so that a chunk file absent on disk means damage
+        # (analyses.load.missing_data reads this flag; zarr 3 otherwise skips all-NaN chunks).
+        return xr.Dataset(data, coords=coords, attrs={**self.attrs, "write_empty_chunks": True})
 
     def append(self, steps: list[int], rows: list[dict[str, np.ndarray]]) -> None:
         """Append probe steps (in increasing order) to the store, creating it on the first call."""
@@ -52,11 +54,11 @@ class RecordStore:
             warnings.simplefilter("ignore", category=UserWarning)
             warnings.simplefilter("ignore", category=FutureWarning)
             if self.path.exists():
-                ds.to_zarr(self.path, append_dim="step", consolidated=True)
+                ds.to_zarr(self.path, append_dim="step", consolidated=True, write_empty_chunks=True)
             else:
                 # Chunk along step in blocks so that each append adds a chunk, not a file per step.
                 encoding = {name: {"chunks": (64,) + ds[name].shape[1:]} for name in ds.data_vars}
-                ds.to_zarr(self.path, mode="w-", encoding=encoding, consolidated=True)
+                ds.to_zarr(self.path, mode="w-", encoding=encoding, consolidated=True, write_empty_chunks=True)
 
     def truncate(self, step: int) -> None:
         """Drop every recorded step >= `step` (resume support). Rewrites via a temporary store."""
@@ -75,7 +77,7 @@ class RecordStore:
                 for var in kept.variables.values():
                     var.encoding = {}
                 encoding = {name: {"chunks": (64,) + kept[name].shape[1:]} for name in kept.data_vars}
-                kept.to_zarr(tmp, mode="w-", encoding=encoding, consolidated=True)
+                kept.to_zarr(tmp, mode="w-", encoding=encoding, consolidated=True, write_empty_chunks=True)
         old = self.path.with_name(self.path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         self.path.rename(old)

@@ -5,11 +5,14 @@ Run dir (under torchrun, rank 0 writes everything; the other ranks write nothing
     metrics.jsonl    one line per step: loss, lr, grad_norm, tokens_per_s (+ val_loss when measured)
     status.json      state (running | finished | failed), last step, message
     checkpoint.pt    the latest good checkpoint (atomic), for --resume
+    checkpoint.prev.pt  the one before it: --resume falls back to it when checkpoint.pt is unreadable
 
 Data parallel (`torchrun --nproc-per-node N -m diagnose run ...`): every rank builds the same model
 (same seed), DistributedDataParallel averages the gradients, each rank takes its slice of the global
 batch of every micro-batch, and the logged loss is all-reduced, so the run matches a 1-process run
 with the same global batch within float tolerance. Probes and validation use the unwrapped module.
+With `dist="fsdp"` (`--dist fsdp`) FSDP2 shards every parameter, gradient and Adam moment over the
+ranks instead; trainer/distributed.py holds both wrappers, the process group and the reductions.
 
 The step itself has no host synchronisation: per-step losses and gradient norms stay on the device
 and are transferred once per `log_every` steps, when the non-finite check also runs.
@@ -21,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,11 +32,27 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from tqdm import tqdm
 
 from trainer import checkpoint as ckpt
 from trainer.data import DataConfig, TokenData
+
+# Process groups, the DDP/FSDP2 wrappers and cross-rank reductions live in trainer.distributed; the
+# `as` imports re-export the names that callers import from here.
+from trainer.distributed import DIST_BACKENDS as DIST_BACKENDS
+from trainer.distributed import (
+    DIST_MODES,
+    clip_grad_norm,
+    dist_info,
+    full_state_dicts,
+    is_sharded,
+    load_full_state_dicts,
+    local_cuda_index,
+    wrap_model,
+)
+from trainer.distributed import broadcast_from_main as broadcast_from_main
+from trainer.distributed import distributed as distributed
+from trainer.distributed import env_rank_world as env_rank_world
 from trainer.errors import ConfigError
 from trainer.model import GPT, ModelConfig, unwrap
 from trainer.observers import Observer
@@ -40,8 +60,8 @@ from trainer.optim import SCHEDULES, build_optimizer, group_summary, lr_factor, 
 from trainer.parameterization import Parameterization
 
 METRICS_NAME, STATUS_NAME, CONFIG_NAME = "metrics.jsonl", "status.json", "config.json"
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "rng", "last_val_loss", "observers")
 DTYPES = ("auto", "float32", "bfloat16")
-DIST_BACKENDS = ("auto", "gloo", "nccl")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -72,6 +92,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False  # torch.compile the training forward (CUDA recommended)
+    dist: str = "ddp"  # under torchrun: ddp (whole model per rank) | fsdp (FSDP2, parameters sharded)
 
 
 @dataclass(frozen=True)
@@ -115,6 +136,8 @@ def validate_train(cfg: TrainConfig, world: int = 1) -> None:
         raise ConfigError(f"device={cfg.device!r} must be auto, cpu, cuda or cuda:N")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device!r} requested but CUDA is not available on this machine")
+    if cfg.dist not in DIST_MODES:
+        raise ConfigError(f"dist={cfg.dist!r} is not one of {', '.join(DIST_MODES)}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,16 +167,12 @@ class Trainer:
         torch.manual_seed(spec.train.seed)
         self.model: GPT = GPT(spec.param, spec.model).to(self.device)
         self.roles = self.model.parameter_roles()
+        # DDP, or FSDP2 sharding in place (then the optimizer groups hold the sharded parameters).
+        self.train_model, self.ddp_model = wrap_model(self.model, spec.train.dist, self.device, self.world,
+                                                      bf16_compute=self.device.type == "cuda" and self._bf16)
         fused = self.device.type == "cuda" or None
         self.optimizer = build_optimizer(self.model, spec.param, self.roles,
                                          betas=(spec.train.beta1, spec.train.beta2), fused=fused)
-        self.train_model: nn.Module = self.model
-        self.ddp_model: nn.parallel.DistributedDataParallel | None = None
-        if self.world > 1:
-            # DDP broadcasts rank 0's parameters here; every rank seeded the same anyway.
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-            self.train_model = self.ddp_model
         if spec.train.compile:
             self.train_model = torch.compile(self.train_model)
         self.step = 0  # the next update to run
@@ -172,9 +191,13 @@ class Trainer:
         """The module behind any compile/DDP wrapper: what probes use."""
         return unwrap(self.train_model)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    @property
+    def _bf16(self) -> bool:
         dtype = self.spec.train.dtype
-        if dtype == "bfloat16" or (dtype == "auto" and self.device.type == "cuda"):
+        return dtype == "bfloat16" or (dtype == "auto" and self.device.type == "cuda")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self._bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -195,25 +218,32 @@ class Trainer:
     def save_checkpoint(self) -> None:
         for obs in self.observers:
             obs.flush()
+        model_state, optim_state = full_state_dicts(self.model, self.optimizer)  # gathers shards (all ranks)
         if not self.is_main:
             return
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
             "step": self.step,
             "rng": ckpt.rng_state(),
             "last_val_loss": self.last_val_loss,
             "observers": {o.name: o.state_dict() for o in self.observers},
         }
-        ckpt.save_atomic(state, self.run_dir / ckpt.CHECKPOINT_NAME)
+        ckpt.save_keeping_previous(state, self.run_dir / ckpt.CHECKPOINT_NAME)
 
     def load_checkpoint(self) -> None:
-        path = self.run_dir / ckpt.CHECKPOINT_NAME
-        if not path.is_file():
-            raise ConfigError(f"cannot resume: no checkpoint at {path}")
-        state = ckpt.load(path, map_location=self.device)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # Sharded: the full tensors stay on the CPU; each rank copies only its own shards to the device.
+        where = "cpu" if is_sharded(self.model) else self.device
+        state, path, problems = ckpt.load_latest(self.run_dir, where, required=CHECKPOINT_KEYS)
+        try:
+            load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:  # readable, but another model's checkpoint
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise ckpt.CheckpointError(f"cannot resume: {path} does not fit this run's model ({first})") from None
+        if problems and self.is_main:  # said whatever --quiet asks: the run goes back to an earlier step
+            ckpt.promote_previous(self.run_dir)
+            tqdm.write(f"warning: {'; '.join(problems)}; resuming from {path} (step {int(state['step'])}); "
+                       f"the unreadable file is kept as {ckpt.DAMAGED_NAME}", file=sys.stderr)
         ckpt.set_rng_state({k: v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v]
                             for k, v in state["rng"].items()})
         self.step = int(state["step"])
@@ -258,9 +288,7 @@ class Trainer:
             loss_sum += loss.detach()
         if self.world > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        params = self.model.parameters()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
-                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        grad_norm = clip_grad_norm(self.model.parameters(), cfg.grad_clip)  # the global norm, also when sharded
         self.last_loss = loss_sum
         watching = [o for o in self.observers if o.wants(step)]
         for obs in watching:
@@ -374,76 +402,3 @@ def truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
-
-
-def env_rank_world() -> tuple[int, int]:
-    """(rank, world size) as torchrun announces them in the environment, before any process group."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def local_cuda_index() -> int:
-    """This process's GPU: LOCAL_RANK, wrapped if the launcher already restricted the visible devices."""
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    count = torch.cuda.device_count()
-    return local % count if count else local
-
-
-def resolve_backend(backend: str = "auto", device: str = "auto") -> str:
-    """gloo or nccl for `backend` (auto | gloo | nccl) and the run's device; ConfigError if impossible."""
-    if backend not in DIST_BACKENDS:
-        raise ConfigError(f"dist backend {backend!r} is not one of {', '.join(DIST_BACKENDS)}")
-    if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise ConfigError("--dist-backend nccl needs CUDA, which is not available on this machine; "
-                              "use --dist-backend gloo (or auto) to train on CPU")
-        if device == "cpu":
-            raise ConfigError("--dist-backend nccl cannot reduce CPU tensors (--device cpu); use --dist-backend gloo")
-        return "nccl"
-    if backend == "gloo":
-        return "gloo"
-    return "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
-
-
-def init_distributed(backend: str = "auto", device: str = "auto") -> tuple[int, int]:
-    """Join the torchrun process group (if WORLD_SIZE > 1 and not joined yet); returns (rank, world)."""
-    resolved = resolve_backend(backend, device)
-    _, world = env_rank_world()
-    if world > 1 and not dist.is_initialized():
-        for var in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
-            if var not in os.environ:
-                raise ConfigError(f"WORLD_SIZE={world} is set but {var} is not: launch with torchrun "
-                                  "(torchrun --nproc-per-node N -m diagnose run ...)")
-        if resolved == "nccl":
-            torch.cuda.set_device(local_cuda_index())
-        dist.init_process_group(resolved)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-@contextlib.contextmanager
-def distributed(backend: str = "auto", device: str = "auto"):
-    """`init_distributed` for the duration of the block; destroys the process group it created."""
-    created = not dist.is_initialized()
-    rank_world = init_distributed(backend, device)
-    try:
-        yield rank_world
-    finally:
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def broadcast_from_main(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank (a no-op without a process group)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size), initializing the process group (backend auto) under torchrun."""
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return init_distributed()

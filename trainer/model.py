@@ -55,6 +55,9 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.backend = "sdpa"
+        # Probe sites on the math path only (the fused training path never calls them): pre-softmax
+        # scores after scale and causal mask, and the attention pattern, both (b, heads, t, t).
+        self.logits_hook, self.probs_hook = HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, d=self.d_head)
@@ -64,8 +67,8 @@ class CausalSelfAttention(nn.Module):
             t = x.shape[1]
             logits = (q @ k.transpose(-2, -1)) * self.scale  # (b, h, t, t)
             causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-            logits = logits.masked_fill(~causal, float("-inf"))
-            y = logits.softmax(dim=-1) @ v
+            logits = self.logits_hook(logits.masked_fill(~causal, float("-inf")))
+            y = self.probs_hook(logits.softmax(dim=-1)) @ v
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 

@@ -31,6 +31,14 @@ Rows the table does not give, and what we do (see the spec, §1):
   hidden WD left at λ (both depart from Table 1's µP column).
 
 Weight decay is PyTorch's AdamW form (decoupled but multiplied by the group LR), as in the paper.
+
+Debug ablations (`ablate`, comma-separated; empty by default): each breaks one Table 1 rule on
+purpose, so that `diagnose conform` can be shown to catch it. Never use them for real training.
+- `no-depth-lr`: the in-block LRs lose their m_L^(α−1) factor (a no-op at α = 1, where it is 1).
+- `no-branch-multiplier`: both residual branches are added with multiplier 1 instead of m_L^(−α).
+- `global-eps`: every group gets the unscaled ε_base (no m_N^(−1) m_L^(−α) for block parameters);
+  it only matters where ε_base is comparable to Adam's √v̂.
+- `sp-init`: hidden weights start with std σ_base (SP) instead of σ_base·m_N^(−1/2); LRs unchanged.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ EPS_SCOPES = ("eq40", "blocks-only", "all")
 LEGACY_EPS_SCOPES = {"blocks": "blocks-only"}
 MUP_VARIANTS = ("table", "reference-code")
 ATTN_SCALES = ("auto", "inv-d-head", "inv-sqrt-d-head")
+# Deliberately broken rules (see the module docstring), for testing the conformance check.
+ABLATIONS = ("no-depth-lr", "no-branch-multiplier", "global-eps", "sp-init")
 
 
 class Role(str, enum.Enum):
@@ -103,6 +113,7 @@ class Parameterization:
     eps_scope: str = "eq40"  # eq40 (Table 1 + Eq. 40) | blocks-only (ε_base outside blocks) | all (pre-fix code)
     mup_variant: str = "table"  # table | reference-code (µP: ε and WD not width-scaled)
     attn_scale: str = "auto"  # auto | inv-d-head | inv-sqrt-d-head
+    ablate: str = ""  # debug only: comma-separated ABLATIONS that break Table 1 on purpose ("" = none)
 
     def __post_init__(self) -> None:
         if self.eps_scope in LEGACY_EPS_SCOPES:  # frozen: normalise an old name before validating
@@ -119,6 +130,10 @@ class Parameterization:
         return self.depth / self.base_depth
 
     @property
+    def ablations(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in self.ablate.split(",") if a.strip())
+
+    @property
     def uses_depth(self) -> bool:
         return self.name == "alpha"
 
@@ -129,6 +144,8 @@ class Parameterization:
     @property
     def branch_multiplier(self) -> float:
         """m_L^(−α) on both residual branches (1 for SP and µP)."""
+        if "no-branch-multiplier" in self.ablations:
+            return 1.0
         return self.m_l**-self.alpha if self.uses_depth else 1.0
 
     @property
@@ -144,15 +161,20 @@ class Parameterization:
         return 1.0 / self.d_head if rule == "inv-d-head" else 1.0 / math.sqrt(self.d_head)
 
     def _depth_lr(self) -> float:
+        if "no-depth-lr" in self.ablations:
+            return 1.0
         return self.m_l ** (self.alpha - 1.0) if self.uses_depth else 1.0
 
     def _width_eps(self) -> float:
         """ε_base·m_N^(−1) (Eq. 40), or ε_base where no ε is width-scaled (SP, µP reference-code)."""
-        if self.name == "sp" or (self.name == "mup" and self.mup_variant == "reference-code"):
+        unscaled = self.name == "sp" or (self.name == "mup" and self.mup_variant == "reference-code")
+        if unscaled or "global-eps" in self.ablations:
             return self.eps_base
         return self.eps_base / self.m_n
 
     def _block_eps(self) -> float:
+        if "global-eps" in self.ablations:  # debug: one unscaled ε, as if Table 1's ε rule were missing
+            return self.eps_base
         eps = self._width_eps()
         return eps * self.m_l**-self.alpha if self.uses_depth else eps
 
@@ -178,7 +200,7 @@ class Parameterization:
         elif role is Role.HIDDEN_BIAS:
             init, std, lr_mult, wd, eps = "zeros", 0.0, self._depth_lr(), 0.0, block_eps
         elif role is Role.HIDDEN_WEIGHT:
-            std = sigma / math.sqrt(m_n) if width_scaled else sigma
+            std = sigma / math.sqrt(m_n) if width_scaled and "sp-init" not in self.ablations else sigma
             lr_mult = (1.0 / m_n if width_scaled else 1.0) * self._depth_lr()
             wd_scaled = width_scaled and not (self.name == "mup" and self.mup_variant == "reference-code")
             init, wd, eps = "normal", lam * m_n if wd_scaled else lam, block_eps
@@ -230,3 +252,8 @@ def validate(p: Parameterization) -> None:
     for field, allowed in (("eps_scope", EPS_SCOPES), ("mup_variant", MUP_VARIANTS), ("attn_scale", ATTN_SCALES)):
         if getattr(p, field) not in allowed:
             raise ConfigError(f"{field}={getattr(p, field)!r} is not one of {', '.join(allowed)}")
+    if not isinstance(p.ablate, str):
+        raise ConfigError(f"ablate={p.ablate!r} must be a comma-separated string of {', '.join(ABLATIONS)}")
+    for name in p.ablations:
+        if name not in ABLATIONS:
+            raise ConfigError(f"ablate {name!r} is not one of {', '.join(ABLATIONS)}")

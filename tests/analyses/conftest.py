@@ -41,7 +41,8 @@ class SynthRun:
     lin_scale: float = 1e-2  # lin_ratio at depth 2
     step0_factor: float = 100.0  # lin_ratio at step 0 is off-law by this factor (the default window skips it)
     depth_exponent: tuple[float, float] = (0.0, 0.0)  # final_abs_mean ∝ depth^e at step 0 / at steps ≥ 1
-    width_exponent: float = 0.0  # act_rms, delta0_rms, update_rms ∝ width^e
+    width_exponent: float = 0.0  # act_rms, delta0_rms ∝ width^e
+    update_width_exponent: tuple[float, ...] = (0.0, 0.0, 0.0)  # update_rms ∝ width^e per schema.BLOCK_ROLES
     share_decay: float = 0.0  # final_update_share of layer l ∝ exp(-share_decay * l)
     embed_share: float = 0.1  # the embedding's share of the final-stream update
     noise: float = 0.02  # σ of the log-normal noise on each recorded element
@@ -117,7 +118,8 @@ def probe_dataset(spec: SynthRun) -> xr.Dataset:
         "final_update_share": v("final_update_share", share_t),
         "grad_rms": v("grad_rms", np.full((S, L), 1e-3)),
         "update_rel": v("update_rel", 1e-3 * trained[:, None, None] * np.ones((S, L, n_role))),
-        "update_rms": v("update_rms", 1e-4 * wfac * run_factor * lognoise(S, L, n_role)),
+        "update_rms": v("update_rms", 1e-4 * np.power(float(spec.width), spec.update_width_exponent)[None, None, :]
+                        * run_factor * lognoise(S, L, n_role)),
         "global_update_rel": v("global_update_rel", np.full((S, n_grole), 1e-3)),
         "global_update_rms": v("global_update_rms", np.full((S, n_grole), 1e-4)),
         "effective_lr": v("effective_lr", np.full((S, len(GROUPS)), spec.lr)),
@@ -128,8 +130,21 @@ def probe_dataset(spec: SynthRun) -> xr.Dataset:
         "probe_loss": v("probe_loss", loss_t),
         "train_loss": v("train_loss", loss_t),
         "val_loss": v("val_loss", loss_t),
+        "nonlin_floor": v("nonlin_floor", np.full((S, L, 2), np.nan)),  # float64 runs: floor not measured
+        "lin_below_floor": v("lin_below_floor", np.zeros((S, L, 2))),
     }
-    assert set(data) == set(schema.VARIABLES), "builder out of date with probes.schema"
+    # Feature change since θ_0 (first order, like lin_ratio) and 1 − CKA (second order); no rng draws,
+    # so the values above stay what they were.
+    since = np.where(steps >= 1, 1.0, np.nan)[:, None, None] * np.ones((S, L, 2))
+    feature = 0.1 * (spec.depth / 2) ** spec.slope * run_factor * since
+    data.update({
+        "feature_change": v("feature_change", feature),
+        "feature_cka": v("feature_cka", 1 - feature**2),
+        "attn_pattern_change": v("attn_pattern_change", feature[:, :, 0]),
+    })
+    # The block-linearized model's variables live in their own store (linearized.zarr), not here.
+    expected = set(schema.VARIABLES) - set(schema.LINEARIZED_VARIABLES)
+    assert set(data) == expected, "builder out of date with probes.schema"
     if spec.variables is not None:
         # A subset keeps only the coordinates its variables use: each coordinate is one more array to
         # write and read, and the tests that write subsets run many small stores.
@@ -192,7 +207,10 @@ def write_run(path: str | Path, spec: SynthRun) -> Path:
             f.write(json.dumps({"step": spec.train_steps, "val_loss": float(loss[-1])}) + "\n")
     (path / schema.CONFIG_NAME).write_text(ds.attrs["config"])
     state = "failed" if diverged else "finished"
-    (path / schema.STATUS_NAME).write_text(json.dumps({"state": state, "step": len(loss)}))
+    status = {"state": state, "step": len(loss)}
+    if diverged:  # as the trainer's NaN stop writes it: the step whose loss was non-finite
+        status["bad_step"] = int(np.flatnonzero(~np.isfinite(loss))[0])
+    (path / schema.STATUS_NAME).write_text(json.dumps(status))
     return path
 
 
@@ -230,12 +248,16 @@ def depth_specs(seeds=(0, 1, 2)) -> list[SynthRun]:
 
 WIDTHS = (64, 128, 256)
 WIDTH_EXPONENT = {"mup": 0.0, "sp": 0.5}
+# update_rms ∝ width^e per block role in schema.BLOCK_ROLES order (block_norm, hidden_weight, hidden_bias),
+# from Table 1: Adam moves each entry by about its LR, and only µP's hidden-weight LR scales with width
+# (η_base · m_N^-1).
+UPDATE_WIDTH_EXPONENT = {"mup": (0.0, -1.0, 0.0), "sp": (0.0, 0.0, 0.0)}
 
 
 def width_specs() -> list[SynthRun]:
     return [
-        SynthRun(param=p, depth=2, width=w, seed=s, width_exponent=e, steps=(0, 1, 2, 4), blocks=1,
-                 variables=WIDTH_VARIABLES)
+        SynthRun(param=p, depth=2, width=w, seed=s, width_exponent=e, update_width_exponent=UPDATE_WIDTH_EXPONENT[p],
+                 steps=(0, 1, 2, 4), blocks=1, variables=WIDTH_VARIABLES)
         for p, e in WIDTH_EXPONENT.items()
         for w in WIDTHS
         for s in (0, 1)

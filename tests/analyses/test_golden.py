@@ -7,6 +7,7 @@ tests/golden/sweep.zarr and expected.json were produced by `python -m tests.gold
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -53,6 +54,77 @@ def test_a_fresh_run_reproduces_its_golden_records(golden, tmp_path):
         a = fresh[name].squeeze(drop=True).values
         b = ref[name].sel(layer=slice(0, 3)).values if "layer" in ref[name].dims else ref[name].values
         np.testing.assert_allclose(a, b.reshape(a.shape), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+# --- each golden number once against an independent computation -----------------------------------------
+# The two tests above pin the numbers; these say they are right, each by another route (numpy on the
+# raw golden records, or theory), so a golden file regenerated from a wrong computation fails here.
+
+
+def _run_values(golden, name: str, param: str, depth: int, seed: int) -> np.ndarray:
+    """One run's records of `name` as a numpy array, layers above the run's depth cut off."""
+    da = golden[name].sel(param=param, depth=depth, seed=seed).squeeze(drop=True)
+    return (da.sel(layer=slice(0, depth - 1)) if "layer" in da.dims else da).values.astype(np.float64)
+
+
+def test_laziness_slopes_equal_polyfit_on_the_raw_records(golden):
+    """Independent: np.polyfit of log(per-run geometric mean over layers and steps ≥ 1) on log(depth).
+
+    Every run of the golden sweep has the same steps and seeds at every depth (a balanced design), so
+    the plain power-law slope over runs and over per-depth seed means are the same number. The
+    interval is checked against np.polyfit's own standard error of that slope: it must bracket the
+    slope and its half-width must be of the order of that SE (between 0.3 and 4 SEs)."""
+    expected = json.loads((GOLDEN / "expected.json").read_text())["laziness"]
+    for row in expected:
+        if row["variable"] == "combined":  # a mix of the two: test_golden_numbers_match_an_independent_computation
+            continue
+        x, y = [], []
+        for depth in golden.depth.values:
+            for seed in golden.seed.values:
+                values = _run_values(golden, row["variable"], row["param"], int(depth), int(seed))
+                values = values[golden.step.values >= 1].take(golden.branch.values.tolist().index(row["branch"]),
+                                                            axis=-1)
+                x.append(np.log(depth))
+                y.append(np.log(values).mean())
+        slope = np.polyfit(x, y, 1)[0]
+        assert row["slope"] == pytest.approx(slope, rel=1e-6, abs=1e-9), row
+        fit = np.polyfit(x, y, 1, full=True)
+        se = math.sqrt(fit[1][0] / (len(x) - 2) / np.sum((np.asarray(x) - np.mean(x)) ** 2))
+        half = (row["ci_high"] - row["ci_low"]) / 2
+        assert row["ci_low"] <= slope <= row["ci_high"], row
+        assert 0.3 * se <= half <= 4 * se, (row, se)
+
+
+def test_depth_coord_slopes_equal_polyfit_on_the_raw_records(golden):
+    """Independent: per step, np.polyfit of log(seed mean of final_abs_mean) on log(depth); the
+    trained slope is the median over steps ≥ 1."""
+    expected = json.loads((GOLDEN / "expected.json").read_text())["depth_coord"]
+    steps = golden.step.values
+    for row in expected:
+        means = np.array([[np.mean([_run_values(golden, "final_abs_mean", row["param"], int(d), int(s))[i]
+                                    for s in golden.seed.values]) for d in golden.depth.values]
+                          for i in range(len(steps))])  # (step, depth)
+        slopes = [np.polyfit(np.log(golden.depth.values), np.log(means[i]), 1)[0] for i in range(len(steps))]
+        assert row["init_slope"] == pytest.approx(slopes[0], rel=1e-6, abs=1e-9)
+        assert row["trained_slope"] == pytest.approx(np.median(slopes[1:]), rel=1e-6, abs=1e-9)
+
+
+def test_golden_records_agree_with_theory_and_with_each_other(golden):
+    """Independent of the recorded formulas: (1) the final stream is the last block's resid_post, so
+    final_rms (from the final hook) equals act_rms there (from the block hook); (2) nothing has moved
+    at step 0, so delta0_rms is 0; (3) with small init (σ = 0.02, untied unembedding) the logits start
+    near zero and the first training loss is near ln 256 (byte vocabulary); (4) RMS ≥ mean |x|."""
+    for param in golden.param.values:
+        for depth in golden.depth.values:
+            for seed in golden.seed.values:
+                act = _run_values(golden, "act_rms", param, int(depth), int(seed))
+                final = _run_values(golden, "final_rms", param, int(depth), int(seed))
+                sites = golden.site.values.tolist()
+                np.testing.assert_allclose(final, act[:, -1, sites.index("resid_post")], rtol=1e-6)
+                assert np.all(_run_values(golden, "delta0_rms", param, int(depth), int(seed))[0] == 0)
+                loss0 = _run_values(golden, "train_loss", param, int(depth), int(seed))[0]
+                assert abs(loss0 - math.log(256)) < 0.06
+                assert np.all(final >= _run_values(golden, "final_abs_mean", param, int(depth), int(seed)))
 
 
 def test_golden_numbers_match_an_independent_computation(golden):

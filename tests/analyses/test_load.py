@@ -45,7 +45,7 @@ def test_open_run_reads_appended_store(one_run):
     assert ds.attrs["param_label"] == "alpha=1" and ds.attrs["run_dir"] == str(one_run)
     ref = probe_dataset(SynthRun(depth=4, share_decay=0.5))
     np.testing.assert_allclose(ds["lin_ratio"].values, ref["lin_ratio"].values)
-    assert set(ds.data_vars) == set(schema.VARIABLES)
+    assert set(ds.data_vars) == set(schema.VARIABLES) - set(schema.LINEARIZED_VARIABLES)
 
 
 def test_not_a_run_errors_name_path_and_what_is_missing(tmp_path):
@@ -154,3 +154,123 @@ def test_load_metrics_merges_val_lines_torn_line_and_resumed_steps(tmp_path):
         load.load_metrics(tmp_path)
     assert load.load_metrics(tmp_path / "missing").empty
     assert load.load_status(tmp_path) == {"state": "unknown"}
+
+
+# --- damaged stores: chunk files missing on disk --------------------------------------------------------
+
+
+def _write_blocks(path, ds, blocks, status=None):
+    """Write `ds` as a run's store in the given step blocks (first write + appends, as the trainer does)."""
+    path.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, idx in enumerate(blocks):
+            ds.isel(step=idx).to_zarr(path / schema.STORE_NAME, mode="w" if i == 0 else None,
+                                      append_dim=None if i == 0 else "step")
+    if status is not None:
+        (path / schema.STATUS_NAME).write_text(json.dumps(status))
+    return path
+
+
+def test_missing_chunk_is_found_with_its_variable_and_steps(tmp_path):
+    spec = SynthRun(variables=("lin_ratio", "final_rms"))  # steps 0, 1, 2, 4, 8, 16
+    run = _write_blocks(tmp_path / "r", probe_dataset(spec), [[0, 1, 2], [3, 4, 5]])
+    assert load.missing_data(run) == []
+    assert load.open_run(run).attrs["missing_data"] == []
+    # The first write fixes the chunk length at 3 steps: the second block is chunk 1 along step.
+    (run / schema.STORE_NAME / "lin_ratio" / "c" / "1" / "0" / "0").unlink()
+    found = load.missing_data(run)
+    assert found == [{"variable": "lin_ratio", "steps": [4, 8, 16], "chunks": ["lin_ratio/c/1/0/0"]}]
+    with pytest.warns(load.MissingDataWarning, match=r"lin_ratio has no data on disk for recorded step\(s\) 4, 8, 16"):
+        ds = load.open_run(run)
+    assert len(ds.attrs["missing_data"]) == 1 and np.isnan(ds["lin_ratio"].sel(step=8)).all()
+    with pytest.warns(load.MissingDataWarning):
+        sweep = load.open_sweep(tmp_path)
+    assert sweep.attrs["missing_data"] == ds.attrs["missing_data"]
+    # A lost chunk of the step coordinate itself (it would read as step 0, its fill value).
+    (run / schema.STORE_NAME / "step" / "c" / "1").unlink()
+    assert {m["variable"] for m in load.missing_data(run)} == {"lin_ratio", "step"}
+
+
+def test_chunks_zarr_leaves_unwritten_because_all_nan_are_not_damage(tmp_path):
+    # zarr 3 writes no file for an all-NaN chunk. Two cases where all-NaN is legitimate:
+    # the first probe step alone (final_update_share is NaN there by definition) ...
+    spec = SynthRun(variables=("final_update_share", "final_rms"))
+    first = _write_blocks(tmp_path / "first", probe_dataset(spec), [[0], [1, 2], [3, 4, 5]])
+    assert not (first / schema.STORE_NAME / "final_update_share" / "c" / "0" / "0").exists()
+    assert load.missing_data(first) == []
+    # ... and the steps after the trainer's NaN stop (bad_step 4): records there are NaN.
+    ds = probe_dataset(spec)
+    ds["final_rms"][3:] = np.nan
+    status = {"state": "failed", "step": 5, "bad_step": 4}
+    after = _write_blocks(tmp_path / "after", ds, [[0, 1, 2], [3, 4, 5]], status)
+    assert not (after / schema.STORE_NAME / "final_rms" / "c" / "1").exists()
+    assert load.missing_data(after) == []
+    # Without the NaN stop the same absent chunk is damage: the run recorded those steps ...
+    (after / schema.STATUS_NAME).write_text(json.dumps({"state": "finished", "step": 5}))
+    assert load.missing_data(after)[0]["steps"] == [4, 8, 16]
+    # ... unless the run is still running: an append resizes the arrays before it writes the last chunk.
+    (after / schema.STATUS_NAME).write_text(json.dumps({"state": "running", "step": 5}))
+    assert load.missing_data(after) == []
+    # A store that says it writes every chunk (probes.store does) gets no allowance: absent is damage.
+    marked = probe_dataset(spec)
+    marked.attrs["write_empty_chunks"] = True
+    marked = _write_blocks(tmp_path / "marked", marked, [[0], [1, 2], [3, 4, 5]])  # written here without it
+    # (the one-step chunk of the step coordinate, all zeros = its fill value, is absent too)
+    assert {m["variable"] for m in load.missing_data(marked)} == {"final_update_share", "step"}
+
+
+def test_a_corrupt_chunk_is_one_clear_error(tmp_path):
+    run = write_run(tmp_path / "r", SynthRun(blocks=1, variables=("lin_ratio",)))
+    (run / schema.STORE_NAME / "lin_ratio" / "c" / "0" / "0" / "0").write_bytes(b"\x00garbage")
+    with pytest.raises(NotARunError, match=r"probes\.zarr: a record cannot be read"):
+        load.open_run(run)
+
+
+@pytest.fixture(scope="module")
+def real_run_pair(tmp_path_factory):
+    """A real tiny run (trainer + probes) and a copy of it with one chunk file of lin_ratio deleted."""
+    torch = pytest.importorskip("torch")
+    from probes.recorder import ProbeConfig, ProbeRecorder
+    from tests.probes.conftest import tiny_spec
+    from trainer.loop import Trainer
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("damaged")
+    intact = root / "intact"
+    spec = tiny_spec(steps=4)
+    probes = ProbeRecorder(ProbeConfig(every=1, batch_size=2, lin_batch_size=1), intact, spec)
+    Trainer(spec, intact, observers=[probes], quiet=True).run()
+    damaged = root / "damaged"
+    shutil.copytree(intact, damaged)
+    chunks = sorted((damaged / schema.STORE_NAME / "lin_ratio" / "c").rglob("*"))
+    files = [p for p in chunks if p.is_file()]
+    assert len(files) == 1  # 4 probe steps: one chunk along step
+    files[0].unlink()
+    return intact, damaged
+
+
+def _diagnose(*args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-m", "diagnose", *map(str, args)], cwd=repo, capture_output=True,
+                          text=True, timeout=180)
+
+
+def test_report_and_check_on_a_real_store_with_a_deleted_chunk(real_run_pair, tmp_path):
+    from analyses.report import summarize
+
+    intact, damaged = real_run_pair
+    assert load.missing_data(intact) == []
+    assert summarize(intact, n_boot=10)["missing_data"] == []
+    done = _diagnose("report", damaged, "--json", "--out", tmp_path / "rep")
+    assert done.returncode == 0, done.stderr
+    warning = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "lin_ratio" in warning[0] and "recorded step(s) 0, 1, 2, 3" in warning[0]
+    assert json.loads(done.stdout)["missing_data"] == [warning[0].removeprefix("warning: ")]
+    assert "## Warning: missing data" in (tmp_path / "rep" / "summary.md").read_text()
+    done = _diagnose("check", damaged, "--expect", "complete")
+    assert done.returncode == 2 and "cannot check" in done.stderr and "lin_ratio" in done.stderr

@@ -66,7 +66,7 @@ def test_write_report_transfer_sweep_and_single_run(transfer_ds, one_run, tmp_pa
     assert (tmp_path / "t" / "lr_transfer.png").is_file() and not (tmp_path / "t" / "lin_ratio_vs_depth.png").exists()
     out = report.write_report([one_run], one_run / "report", n_boot=50, dpi=40)
     assert sorted(p.name for p in (one_run / "report").iterdir()) == [
-        "feature_updates_heatmap.png", "summary.json", "summary.md"]
+        "feature_updates_heatmap.png", "laziness_by_layer.png", "summary.json", "summary.md"]
     assert out["runs"][0]["run_dir"] == str(one_run) and "laziness" not in out
     # The report folder inside a run dir is not mistaken for a run.
     assert len(report.summarize(one_run)["runs"]) == 1
@@ -96,7 +96,8 @@ def test_compare_runs(full_runs):
 
 def test_compare_runs_refuses_different_variables(full_runs, tmp_path):
     other = write_run(tmp_path / "few", SynthRun(blocks=1, variables=("lin_ratio", "final_rms")))
-    with pytest.raises(IncompatibleRunsError, match=r"only in .*: act_rms, branch_norm.*\(\+\d+ more\)"):
+    message = r"only in .*: act_rms, attn_pattern_change, branch_norm.*\(\+\d+ more\)"
+    with pytest.raises(IncompatibleRunsError, match=message):
         report.compare_runs(full_runs[0], other)
 
 

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from analyses import load, transfer
 from analyses.load import InsufficientSweepError
@@ -20,6 +21,7 @@ from tests.analyses.conftest import (
     planted_log2_lr_opt,
     write_run,
 )
+from trainer.observers import Observer
 
 FEW = ("probe_loss",)
 
@@ -36,13 +38,91 @@ def test_final_loss_sources(tmp_path):
     assert bad["diverged"] and bad["loss"] == math.inf and bad["state"] == "failed"
 
 
-def test_failed_status_counts_as_diverged_and_running_is_not_usable(tmp_path):
+def test_nan_stop_is_divergence_a_crash_is_missing_and_running_is_not_usable(tmp_path):
     run = write_run(tmp_path / "f", SynthRun(blocks=1, variables=FEW))
-    (run / schema.STATUS_NAME).write_text(json.dumps({"state": "failed", "step": 3}))
-    assert transfer.final_loss(run)["loss"] == math.inf
+    # The trainer's NaN stop: status failed with the bad step (metrics here stay finite).
+    (run / schema.STATUS_NAME).write_text(json.dumps({"state": "failed", "step": 3, "bad_step": 3}))
+    res = transfer.final_loss(run)
+    assert res["loss"] == math.inf and res["diverged"] and not res["missing"]
+    # Killed / out of memory: failed without a bad step says nothing about the LR's stability.
+    (run / schema.STATUS_NAME).write_text(json.dumps({"state": "failed", "step": 3, "message": "KeyboardInterrupt"}))
+    res = transfer.final_loss(run)
+    assert math.isnan(res["loss"]) and res["missing"] and not res["diverged"]
+    losses = transfer.final_losses(run)
+    assert losses["missing"].item() and not losses["usable"].item()
     (run / schema.STATUS_NAME).write_text(json.dumps({"state": "running", "step": 3}))
     losses = transfer.final_losses(run)
-    assert losses["state"].item() == "running" and not losses["usable"].item()
+    assert losses["state"].item() == "running" and not losses["usable"].item() and not losses["missing"].item()
+
+
+def _grid(depth=2, seeds=(0, 1, 2), xs=(-11.0, -10.0, -9.0, -8.0, -7.0, -6.0), opt=-8.3, curvature=0.05,
+          seed_offset=None, noise=0.0, rng_seed=0) -> pd.DataFrame:
+    """A final_losses-like frame: loss = 2 + curvature·(x − opt)² + seed_offset[seed] + noise."""
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for s in seeds:
+        offset = 0.0 if seed_offset is None else seed_offset[s]
+        for x in xs:
+            loss = 2 + curvature * (x - opt) ** 2 + offset + noise * rng.standard_normal()
+            rows.append({"param": "alpha=1", "alpha": 1.0, "depth": depth, "width": 64, "seed": s, "lr": 2.0**x,
+                         "log2_lr": x, "loss": loss, "diverged": False, "missing": False, "usable": True})
+    return pd.DataFrame(rows)
+
+
+def test_bootstrap_resamples_seeds_jointly_across_lrs():
+    # Each seed adds the same offset at every LR (shared init and data order): the offset cannot move
+    # the optimum, so the joint bootstrap's interval has zero width. Resampling each LR's seeds on its
+    # own (the old behaviour) mixes offsets across LRs and spreads the optimum over the whole grid.
+    offsets = {0: -0.4, 1: 0.0, 2: 0.5}
+    res = transfer.lr_transfer(_grid(seed_offset=offsets), n_boot=300)
+    r = res.optima.iloc[0]
+    assert r["log2_lr_opt"] == pytest.approx(-8.3, abs=1e-9)
+    assert r["ci_high"] - r["ci_low"] < 1e-9
+    # With small independent noise on top, the interval still covers the truth and stays narrow.
+    res = transfer.lr_transfer(_grid(seed_offset=offsets, noise=0.002, rng_seed=1), n_boot=300)
+    r = res.optima.iloc[0]
+    assert r["ci_low"] <= -8.3 <= r["ci_high"] and r["ci_high"] - r["ci_low"] < 0.3
+
+
+def test_joint_seed_bootstrap_matches_resampling_rows_by_hand():
+    table = np.array([[1.0, 2.0, 3.0], [4.0, np.nan, 6.0], [7.0, 8.0, 9.0]])
+    got = transfer.joint_seed_bootstrap(table, 50, np.random.default_rng(5))
+    idx = np.random.default_rng(5).integers(0, 3, size=(50, 3))  # the same draws
+    for b in range(50):
+        rows = table[idx[b]]
+        for j in range(3):
+            present = rows[np.isfinite(rows[:, j]), j]
+            want = present.mean() if present.size else np.nanmean(table[:, j])
+            assert got[b, j] == pytest.approx(want, rel=1e-12)
+
+
+def test_crashed_runs_do_not_push_the_optimum_down():
+    # Seed 1 crashed (killed) at the two largest LRs: missing, not diverged. Counted as divergence they
+    # would make those LRs unusable and pull the optimum to the left; left out, it stays at −8.3.
+    grid = _grid(opt=-7.6)
+    crash = (grid["seed"] == 1) & (grid["log2_lr"] >= -7)
+    grid.loc[crash, ["loss", "missing", "usable"]] = [math.nan, True, False]
+    r = transfer.lr_transfer(grid, n_boot=100).optima.iloc[0]
+    assert r["n_missing"] == 2 and r["n_diverged"] == 0 and r["n_lrs"] == 6
+    assert r["log2_lr_opt"] == pytest.approx(-7.6, abs=1e-9) and r["min_seeds"] == 2 and r["n_seeds"] == 3
+    as_diverged = _grid(opt=-7.6)
+    as_diverged.loc[crash, ["loss", "diverged"]] = [math.inf, True]
+    r_old = transfer.lr_transfer(as_diverged, n_boot=100).optima.iloc[0]
+    assert r_old["n_lrs"] == 4 and r_old["log2_lr_opt"] < -7.6 - 0.3
+
+
+def test_edge_optima_are_flagged_and_left_out_of_the_drift_fit():
+    # Depths 2, 4, 8 have interior optima on a slope of −1; at depth 32 the optimum (−12.3) lies below
+    # the grid, so its fit is clipped to −11 and would flatten the drift if it entered the fit.
+    frames = [_grid(depth=d, opt=-8.3 - math.log2(d / 2), noise=0.001, rng_seed=d) for d in (2, 4, 8, 32)]
+    res = transfer.lr_transfer(pd.concat(frames, ignore_index=True), n_boot=200)
+    optima = res.optima.set_index("depth")
+    assert optima["at_edge"].tolist() == [False, False, False, True]
+    drift = res.drift.iloc[0]
+    assert drift["depths"] == [2, 4, 8] and drift["edge_depths"] == [32] and drift["n_depths"] == 3
+    assert drift["slope"] == pytest.approx(-1.0, abs=0.03)
+    with_edge = np.polyfit(np.log2([2, 4, 8, 32]), optima["log2_lr_opt"], 1)[0]
+    assert with_edge > -0.8  # what the fit would have said with the clipped optimum in it
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +204,44 @@ def test_at_edge_flag_and_one_lr_is_insufficient(tmp_path):
     assert res.optima["at_edge"].item()
     with pytest.raises(InsufficientSweepError, match="two or more learning rates"):
         transfer.lr_transfer(pd.DataFrame(rows[:2]))
+
+
+class _Sabotage(Observer):
+    """Observer for a real run: at `step`, either poison a weight with NaN (the next loss is NaN: the
+    trainer's NaN stop) or raise like a kill / out-of-memory would."""
+
+    name = "sabotage"
+
+    def __init__(self, step: int, how: str):
+        self.step, self.how = step, how
+
+    def wants(self, step):
+        return step == self.step
+
+    def before_update(self, step, trainer):
+        if self.how == "crash":
+            raise RuntimeError("CUDA out of memory (simulated by the test)")
+
+    def after_update(self, step, trainer):
+        if self.how == "nan":
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+
+
+@pytest.mark.parametrize("how", ["nan", "crash"])
+def test_real_trainer_nan_stop_is_diverged_and_a_crash_is_missing(tmp_path, how):
+    """The status.json the real trainer writes: a NaN stop carries bad_step (diverged); a crash does not
+    (missing), so it is left out of the optimum instead of marking its LR unstable."""
+    from tests.probes.conftest import tiny_spec
+    from trainer.loop import Trainer
+
+    torch.set_num_threads(1)
+    spec = tiny_spec(steps=6)
+    with pytest.raises(Exception):  # noqa: B017 - NonFiniteLoss or the simulated crash, re-raised by run()
+        Trainer(spec, tmp_path, observers=[_Sabotage(2, how)], quiet=True).run()
+    res = transfer.final_loss(tmp_path)
+    assert res["state"] == "failed"
+    if how == "nan":
+        assert res["diverged"] and not res["missing"] and res["loss"] == math.inf
+    else:
+        assert res["missing"] and not res["diverged"] and math.isnan(res["loss"])

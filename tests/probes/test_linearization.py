@@ -85,3 +85,38 @@ def test_float32_inputs_are_evaluated_in_float64():
     r64 = branch_linearization(toy.double(), x.double(), {k: v.double() for k, v in before.items()},
                                {k: v.double() for k, v in after.items()})
     assert torch.allclose(r32.lin_ratio, r64.lin_ratio, rtol=1e-9)
+
+
+# --- float32 evaluation behind a measured round-off floor (probes/linearization.py docstring) ------------
+
+
+def test_float32_nl_of_a_branch_linear_in_its_parameters_is_flagged_as_roundoff():
+    # nl is exactly zero for y = W x + b, so whatever float32 returns is round-off: the floor must say so
+    # (a floor measured too low would let it through as a number), and float64 gives ~1e-16.
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 48)
+    before = {k: v.detach() for k, v in layer.named_parameters()}
+    for scale in (1e-1, 1e-3, 1e-5):
+        after = _perturbed(before, scale, seed=6)
+        h = torch.randn(4, 8, 32)
+        r = branch_linearization(layer, h, before, after, dtype=torch.float32)
+        assert float(r.nonlin_floor) > 0 and bool(r.below_floor), scale
+        assert torch.isnan(r.nonlin_norm) and torch.isnan(r.lin_ratio) and torch.isnan(r.nonlin_to_output)
+        assert torch.isfinite(r.lin_norm) and torch.isfinite(r.branch_norm)
+        exact = branch_linearization(layer, h, before, after)
+        # float64 round-off ~1e-16 ‖F‖ (1.6e-12 of ‖lin‖ at the smallest update): no floor measured or needed.
+        assert torch.isnan(exact.nonlin_floor) and not bool(exact.below_floor) and exact.lin_ratio < 1e-10
+
+
+def test_float32_keeps_a_large_second_order_term_and_it_matches_the_exact_one():
+    # F = W2 W1 x with a 5% update: nl = ΔW2 ΔW1 x exactly, far above float32 round-off.
+    torch.manual_seed(0)
+    toy = Bilinear().float()
+    before = {k: v.detach() for k, v in toy.named_parameters()}
+    after = _perturbed(before, 0.05, seed=7)
+    x = torch.randn(5, 16)
+    r = branch_linearization(toy, x, before, after, dtype=torch.float32)
+    exact_nl = (x.double() @ (after["w1"] - before["w1"]).double().T @ (after["w2"] - before["w2"]).double().T).norm()
+    assert not bool(r.below_floor)
+    assert float(r.nonlin_norm_raw) > 1e3 * float(r.nonlin_floor)
+    assert abs(float(r.nonlin_norm) / float(exact_nl) - 1) < 1e-4
