@@ -99,21 +99,37 @@ def _by_param(df: pd.DataFrame, drop: tuple[str, ...] = ("alpha",)) -> dict[str,
     return {p: _records(g.drop(columns="param"), drop) for p, g in df.groupby("param", sort=False)}
 
 
-def _laziness_summary(table: pd.DataFrame) -> dict:
-    verdicts = laziness.param_verdicts(table)
+_BRANCH_KEYS = ("slope", "ci_low", "ci_high", "slope_fd", "slope_fd_ci_low", "slope_fd_ci_high", "local_slopes",
+                "theory", "n_depths", "min_seeds", "n_runs")
+_ALPHA_KEYS = ("alpha_hat", "alpha_hat_ci_low", "alpha_hat_ci_high")
+
+
+def _laziness_summary(table: pd.DataFrame, trends: dict[str, str]) -> dict:
+    """Per label: verdict, stability, reason, theory and per branch the lin_ratio slope (old keys), α̂
+    with its interval from the verdict's estimator, α̂ from lin_ratio alone, and the nonlin cross-check."""
+    verdicts = laziness.param_verdicts(table, trends)
     out = {}
     for _, pv in verdicts.iterrows():
         rows = table[table["param"] == pv["param"]]
         branches = {}
         for _, r in rows[rows["variable"] == "lin_ratio"].iterrows():
-            branches[r["branch"]] = {k: r[k] for k in ("slope", "ci_low", "ci_high", "theory", "verdict", "reason",
-                                                       "n_depths", "min_seeds")}
+            branches[r["branch"]] = {k: r[k] for k in _BRANCH_KEYS} | {
+                f"{k.replace('alpha_hat', 'alpha_hat_lin')}": r[k] for k in _ALPHA_KEYS}
+        for _, r in rows[rows["verdict"] != ""].iterrows():
+            branches.setdefault(r["branch"], {}).update(
+                {k: r[k] for k in _ALPHA_KEYS} | {"estimator": r["variable"], "verdict": r["verdict"],
+                                                  "reason": r["reason"]})
         for _, r in rows[rows["variable"] == "nonlin_to_output"].iterrows():
             branches.setdefault(r["branch"], {})["nonlin_to_output"] = {
-                k: r[k] for k in ("slope", "ci_low", "ci_high", "theory")}
-        out[pv["param"]] = {"verdict": pv["verdict"], "reason": pv["reason"],
+                k: r[k] for k in ("slope", "ci_low", "ci_high", *_ALPHA_KEYS, "local_slopes", "theory")}
+        out[pv["param"]] = {"verdict": pv["verdict"], "stability": pv["stability"], "reason": pv["reason"],
                             "theory": laziness.theory_slope(pv["param"]), "branches": branches}
     return _clean(out)
+
+
+def _stream_trends(res: dict) -> dict[str, str]:
+    """Per label: the depth coordinate check's trend of the final stream after step 0 (sp/mup stability)."""
+    return laziness.trends_from_slopes(res["depth:final_abs_mean"][1]) if "depth:final_abs_mean" in res else {}
 
 
 def _summary_from(ds: xr.Dataset, res: dict) -> dict:
@@ -121,12 +137,16 @@ def _summary_from(ds: xr.Dataset, res: dict) -> dict:
     out: dict = {
         "runs": _records(runs[["run_dir", "param", "depth", "width", "seed", "lr", "state"]]),
         "sweep": {d: _clean(sweep_values(ds, d)) for d in SWEEP_DIMS},
-        "constants": {"lazy_threshold": laziness.LAZY_THRESHOLD, "max_ci_width": laziness.MAX_CI_WIDTH,
+        "constants": {"lazy_threshold": laziness.LAZY_THRESHOLD, "alpha_threshold": 1 + laziness.LAZY_THRESHOLD,
+                      "max_ci_width": laziness.MAX_CI_WIDTH,
                       "min_depths_for_verdict": laziness.MIN_DEPTHS_FOR_VERDICT,
                       "flat_tolerance": coordcheck.FLAT_TOLERANCE},
     }
     if "laziness" in res:
-        out["laziness"] = _laziness_summary(res["laziness"])
+        out["laziness"] = _laziness_summary(res["laziness"], _stream_trends(res))
+        out["laziness_notes"] = _clean({"probe_steps": res["laziness"].attrs.get("steps", []),
+                                        "excluded_runs": res["laziness"].attrs.get("excluded", []),
+                                        "steps_not_common": res["laziness"].attrs.get("dropped_steps", [])})
     for kind in ("depth", "width"):
         section = {}
         for key, (_, slopes) in ((k, v) for k, v in res.items() if k.startswith(f"{kind}:")):
@@ -259,15 +279,26 @@ def _markdown(ds: xr.Dataset, res: dict, figures: list[Path]) -> str:
         lines += [f"- {line}" for line in ds.attrs["missing_data"]] + [""]
     if "laziness" in res:
         lz = res["laziness"]
+        excluded = lz.attrs.get("excluded", [])
         lines += ["## Laziness: linearization ratio vs depth", "",
-                  f"Slope of log ‖nl‖/‖lin‖ vs log depth with a {stats.DEFAULT_CI:.0%} bootstrap interval over seeds. "
-                  f"Verdict: complete if the interval lies above {laziness.LAZY_THRESHOLD}, lazy if below, otherwise "
-                  f"(or if wider than {laziness.MAX_CI_WIDTH}, or with fewer than "
-                  f"{laziness.MIN_DEPTHS_FOR_VERDICT} depths) inconclusive. For sp/mup 'complete' means "
-                  "'not lazy': their instability shows in the depth coordinate check.", "",
-                  markdown_table(laziness.param_verdicts(lz)[["param", "verdict"]]), "",
-                  markdown_table(lz[["param", "variable", "branch", "slope", "ci_low", "ci_high", "theory", "verdict",
-                                     "n_depths", "min_seeds"]]), ""]
+                  f"Slope of log ‖nl‖/‖lin‖ vs log depth (least squares over runs) with a {stats.DEFAULT_CI:.0%} "
+                  "Student-t interval; α̂ = 1 + slope (nonlin_to_output: 1 + slope/2); local slopes between "
+                  "consecutive depths alongside. The verdict's α̂ is the 'combined' rows' (½·log lin_ratio + "
+                  f"¼·log nonlin_to_output per run): complete if its interval lies above "
+                  f"{1 + laziness.LAZY_THRESHOLD:g}, lazy if below, otherwise (or if wider than "
+                  f"{laziness.MAX_CI_WIDTH}, with fewer than {laziness.MIN_DEPTHS_FOR_VERDICT} depths, or with "
+                  f"depths spanning less than {laziness.MIN_DEPTH_SPAN:g}x) inconclusive. sp/mup scale no LR "
+                  "with depth: they get 'not-lazy' (never 'complete'), and 'unstable' when their final stream "
+                  "grows with depth (depth coordinate check). Method and "
+                  "evidence: docs/ESTIMATOR.md.", "",
+                  f"Probe steps averaged (common to every run): {_fmt(lz.attrs.get('steps', []))}."
+                  + (f" Steps recorded by only some runs, left out: {_fmt(lz.attrs['dropped_steps'])}."
+                     if lz.attrs.get("dropped_steps") else ""),
+                  *([f"Runs left out (not finished): {', '.join(excluded)}."] if excluded else []), "",
+                  markdown_table(laziness.param_verdicts(lz, _stream_trends(res))[["param", "verdict", "stability"]]),
+                  "", markdown_table(lz[["param", "variable", "branch", "slope", "ci_low", "ci_high", "alpha_hat",
+                                         "alpha_hat_ci_low", "alpha_hat_ci_high", "local_slopes", "theory", "verdict",
+                                         "n_depths", "min_seeds", "n_runs"]]), ""]
     for kind, title in (("depth", "Depth coordinate check"), ("width", "Width coordinate check")):
         for key in [k for k in res if k.startswith(f"{kind}:")]:
             summ = coordcheck.slope_summary(res[key][1])

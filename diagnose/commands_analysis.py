@@ -64,9 +64,9 @@ def _boot_options(fn):
     fn = click.option("--min-step", type=click.IntRange(min=0), default=1, show_default=True,
                       help="First probe step averaged into the linearization ratio (step 0: Adam's first update).")(fn)
     fn = click.option("--seed", "boot_seed", type=int, default=0, show_default=True,
-                      help="Seed of the bootstrap's random generator.")(fn)
+                      help="Seed of the bootstrap's random generator (learning-rate transfer intervals).")(fn)
     fn = click.option("--n-boot", type=click.IntRange(min=10), default=1000, show_default=True,
-                      help="Bootstrap resamples for the confidence intervals.")(fn)
+                      help="Bootstrap resamples for the transfer intervals (laziness uses a t interval).")(fn)
     return fn
 
 
@@ -99,9 +99,20 @@ def report(dirs: tuple[Path, ...], out: Path | None, as_json: bool, dpi: int, n_
         return
     click.echo(f"{len(summary['runs'])} run(s); report in {out}")
     for label, entry in summary.get("laziness", {}).items():
-        click.echo(f"  {label}: {entry['verdict']}")
+        stability = f", {entry['stability']}" if entry.get("stability") else ""
+        estimates = ", ".join(
+            f"{b} {_interval(e.get('alpha_hat'), e.get('alpha_hat_ci_low'), e.get('alpha_hat_ci_high'))}"
+            for b, e in entry["branches"].items())
+        click.echo(f"  {label}: {entry['verdict']}{stability} (α̂ {estimates})")
     for name, why in summary.get("skipped", {}).items():
         click.echo(f"  skipped {name}: {why}", err=True)
+
+
+def _interval(value, low, high) -> str:
+    """'0.96 [0.90, 1.02]' (JSON nulls, i.e. NaN, as '–')."""
+    def fmt(v):
+        return "–" if v is None else f"{v:.2f}"
+    return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
 
 
 @click.command("compare")
@@ -132,8 +143,10 @@ def compare(dir_a: Path, dir_b: Path, as_json: bool) -> None:
 
 @click.command("check")
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--expect", type=click.Choice(["complete", "lazy"]), required=True,
-              help="The verdict every checked parameterization must get.")
+@click.option("--expect", type=click.Choice(["complete", "lazy", "inconclusive", "not-lazy", "unstable"]),
+              required=True,
+              help="The verdict every checked parameterization must get (α: complete, lazy, inconclusive; sp/mup: "
+                   "not-lazy, or unstable when their final stream grows with depth).")
 @click.option("--param", "params", multiple=True, metavar="LABEL",
               help="Check only this parameterization (sp, mup, alpha=0.5, alpha=1, completep, depth-mup); "
                    "repeatable. Default: every one in the sweep.")
@@ -142,12 +155,12 @@ def check(dirs: tuple[Path, ...], expect: str, params: tuple[str, ...], n_boot: 
           min_step: int) -> None:
     """Assert a laziness verdict (exit 1 if not met).
 
-    Fits the slope of the linearization ratio vs depth with a bootstrap interval over seeds for each
+    Fits the slope of the linearization ratio vs depth, with a Student-t interval over runs, for each
     parameterization in DIRS and compares its verdict with --expect: exit 0 when all match, 1
     (saying why) when one does not, 2 on bad input (e.g. runs at a single depth, or a store with
     recorded steps whose chunk files are missing on disk).
     """
-    from analyses.laziness import laziness, param_verdicts
+    from analyses.laziness import expectation_met, laziness, param_verdicts, stream_trends
     from analyses.load import AnalysisError, normalize_label, open_sweep
 
     with _one_line_errors():
@@ -156,16 +169,18 @@ def check(dirs: tuple[Path, ...], expect: str, params: tuple[str, ...], n_boot: 
         if ds.attrs.get("missing_data"):  # a verdict from records that read partly as NaN is not one to trust
             raise AnalysisFailed(f"cannot check: {len(ds.attrs['missing_data'])} store variable(s) have recorded "
                                  "steps missing on disk (listed above); restore or re-record them")
-        verdicts = param_verdicts(laziness(ds, window=(min_step, None), n_boot=n_boot, seed=boot_seed))
+        table = laziness(ds, window=(min_step, None))
+        verdicts = param_verdicts(table, stream_trends(ds))
         wanted = [normalize_label(p) for p in params] or list(verdicts["param"])
         missing = [p for p in wanted if p not in set(verdicts["param"])]
         if missing:
             raise AnalysisError(f"no runs for {', '.join(missing)}; the sweep has {', '.join(verdicts['param'])}")
     failed = False
     for _, row in verdicts[verdicts["param"].isin(wanted)].iterrows():
-        ok = row["verdict"] == expect
+        ok = expectation_met(row, expect)
         failed |= not ok
         mark = "ok" if ok else "FAIL"
-        click.echo(f"{mark}: {row['param']} is {row['verdict']} (expected {expect}): {row['reason']}")
+        got = row["verdict"] + (f", {row['stability']}" if row["stability"] else "")
+        click.echo(f"{mark}: {row['param']} is {got} (expected {expect}): {row['reason']}")
     if failed:
         click.get_current_context().exit(1)

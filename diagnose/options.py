@@ -54,7 +54,10 @@ def _run_option_list(lists: bool) -> list[Callable]:
         click.option("--warmup-frac", type=float, default=0.1, show_default=True, help="Share of warmup steps."),
         click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]), default="linear",
                      show_default=True, help="LR decay after warmup."),
-        click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Max grad norm (0: off)."),
+        click.option("--grad-clip", type=float, default=0.0, show_default=True,
+                     help="Max global grad norm (0: off). Off by default: at small widths the norm starts near 8, so "
+                          "clipping rescales every step by a depth-dependent factor and biases the laziness slopes "
+                          "(docs/ESTIMATOR.md)."),
         click.option("--eval-every", type=int, default=100, show_default=True, help="Steps between val losses."),
         click.option("--eval-batches", type=int, default=4, show_default=True,
                      help="Held-out batches per validation loss."),

@@ -122,3 +122,15 @@ def test_python_m_diagnose_report_of_one_run(cli_sweep):
     assert proc.returncode == 0, proc.stderr
     assert "1 run(s)" in proc.stdout and (run / "report" / "summary.md").is_file()
     assert "skipped laziness and depth coordinate check: the sweep has one depth (2)" in proc.stderr
+
+
+def test_check_sp_is_never_complete_but_not_lazy_and_unstable(depth_sweep):
+    # sp's planted final stream grows with depth: the verdict is not-lazy, its stability unstable.
+    code, out, _ = _invoke(check, depth_sweep, "--expect", "unstable", "--param", "sp")
+    assert code == 0 and out.startswith("ok: sp is not-lazy, unstable (expected unstable)")
+    code, out, _ = _invoke(check, depth_sweep, "--expect", "not-lazy", "--param", "sp")
+    assert code == 0
+    code, out, _ = _invoke(check, depth_sweep, "--expect", "complete", "--param", "sp")
+    assert code == 1 and "FAIL: sp is not-lazy, unstable (expected complete)" in out
+    code, out, _ = _invoke(check, depth_sweep, "--expect", "unstable", "--param", "completep")
+    assert code == 1 and "FAIL: alpha=1 is complete (expected unstable)" in out

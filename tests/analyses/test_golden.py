@@ -76,6 +76,8 @@ def test_laziness_slopes_equal_polyfit_on_the_raw_records(golden):
     slope and its half-width must be of the order of that SE (between 0.3 and 4 SEs)."""
     expected = json.loads((GOLDEN / "expected.json").read_text())["laziness"]
     for row in expected:
+        if row["variable"] == "combined":  # a mix of the two: test_golden_numbers_match_an_independent_computation
+            continue
         x, y = [], []
         for depth in golden.depth.values:
             for seed in golden.seed.values:
@@ -123,3 +125,42 @@ def test_golden_records_agree_with_theory_and_with_each_other(golden):
                 loss0 = _run_values(golden, "train_loss", param, int(depth), int(seed))[0]
                 assert abs(loss0 - math.log(256)) < 0.06
                 assert np.all(final >= _run_values(golden, "final_abs_mean", param, int(depth), int(seed)))
+
+
+def test_golden_numbers_match_an_independent_computation(golden):
+    # Each committed number, once, against a recomputation that shares no code with analyses/: per run
+    # the mean log-ratio over layers and steps ≥ 1 (plain numpy on the stored array), the slope by
+    # np.polyfit over runs, its interval from the textbook simple-regression SE and the published
+    # t quantile for df = 6 runs − 2 = 4 (2.776), α̂ = 1 + slope/k; the depth check as the slope of
+    # log(seed-mean final |x|) vs log depth at step 0 and the median over steps ≥ 1.
+    expected = json.loads((GOLDEN / "expected.json").read_text())
+    t4 = 2.7764451
+    depth = np.log(golden["depth"].values)
+    logs = {}
+    for var in ("lin_ratio", "nonlin_to_output"):
+        arr = golden[var].values.astype(np.float64)[:, :, 0, :, 0, 1:]  # (param, depth, seed, step, layer, branch)
+        arr = np.where(arr > 0, arr, np.nan)
+        logs[var] = np.nanmean(np.log(arr), axis=(3, 4))  # (param, depth, seed, branch)
+    logs["combined"] = 0.5 * logs["lin_ratio"] + 0.25 * logs["nonlin_to_output"]
+    params, branches = list(golden["param"].values), list(golden["branch"].values)
+    for e in expected["laziness"]:
+        y = logs[e["variable"]][params.index(e["param"]), :, :, branches.index(e["branch"])]  # (depth, seed)
+        x = np.repeat(depth, y.shape[1])
+        slope, intercept = np.polyfit(x, y.ravel(), 1)
+        rss = np.sum((y.ravel() - slope * x - intercept) ** 2)
+        half = t4 * np.sqrt(rss / (x.size - 2) / np.sum((x - x.mean()) ** 2))
+        order = 2 if e["variable"] == "nonlin_to_output" else 1
+        assert e["slope"] == pytest.approx(slope, rel=1e-6), e
+        assert (e["ci_low"], e["ci_high"]) == pytest.approx((slope - half, slope + half), rel=1e-5), e
+        assert e["alpha_hat"] == pytest.approx(1 + slope / order, rel=1e-6), e
+        if e["variable"] == "combined":  # verdict: complete above α̂ 0.8, lazy below (depths span 4x)
+            lo, hi = 1 + slope - half, 1 + slope + half
+            assert e["verdict"] == ("complete" if lo > 0.8 else "lazy" if hi < 0.8 else "inconclusive"), e
+        else:
+            assert e["verdict"] == ""
+    final = golden["final_abs_mean"].values.astype(np.float64)[:, :, 0, :, 0, :]  # (param, depth, seed, step)
+    for e in expected["depth_coord"]:
+        seed_mean = final[params.index(e["param"])].mean(axis=1)  # (depth, step)
+        per_step = [np.polyfit(depth, np.log(seed_mean[:, s]), 1)[0] for s in range(seed_mean.shape[1])]
+        assert e["init_slope"] == pytest.approx(per_step[0], rel=1e-6)
+        assert e["trained_slope"] == pytest.approx(float(np.median(per_step[1:])), rel=1e-6)

@@ -18,12 +18,19 @@ def test_summarize_depth_sweep(depth_ds):
     assert len(summary["runs"]) == 36
     assert summary["sweep"]["param"] == ["sp", "alpha=0.5", "alpha=1"]
     lz = summary["laziness"]
-    assert {k: v["verdict"] for k, v in lz.items()} == {"sp": "complete", "alpha=0.5": "lazy", "alpha=1": "complete"}
+    # sp is never "complete": not lazy, and unstable since its planted final stream grows with depth.
+    assert {k: v["verdict"] for k, v in lz.items()} == {"sp": "not-lazy", "alpha=0.5": "lazy", "alpha=1": "complete"}
+    assert {k: v["stability"] for k, v in lz.items()} == {"sp": "unstable", "alpha=0.5": "", "alpha=1": ""}
     half = lz["alpha=0.5"]
     assert half["theory"] == -0.5 and set(half["branches"]) == {"attn", "mlp"}
     mlp = half["branches"]["mlp"]
     assert mlp["ci_low"] < mlp["slope"] < mlp["ci_high"] and mlp["verdict"] == "lazy"
+    assert mlp["alpha_hat_ci_low"] < mlp["alpha_hat"] < mlp["alpha_hat_ci_high"]
+    assert mlp["alpha_hat"] == pytest.approx(0.5, abs=0.05) and mlp["estimator"] == "combined"
+    assert mlp["alpha_hat_lin"] == pytest.approx(1 + mlp["slope"], rel=1e-12) and len(mlp["local_slopes"]) == 3
     assert mlp["nonlin_to_output"]["theory"] == -1.0
+    notes = summary["laziness_notes"]
+    assert notes["probe_steps"] == [1, 2, 4, 8, 16] and notes["excluded_runs"] == []
     coord = summary["depth_coord_check"]["final_abs_mean"]
     assert coord["alpha=1"][0]["init_trend"] == "shrinks" and coord["sp"][0]["trained_trend"] == "grows"
     assert "width_coord_check" not in summary and "transfer" not in summary
