@@ -223,6 +223,8 @@ def sweep(ctx: click.Context, out: Path, workers: int | None, threads: int | Non
             jobs.append((spec, probes, out / run_name(spec)))
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
+    if make_report and all(probes is None for _, probes, _ in jobs):
+        raise click.ClickException("--report needs probe records, but the sweep runs with --no-probes")
     out.mkdir(parents=True, exist_ok=True)
     (out / SWEEP_NAME).write_text(json.dumps({"runs": [str(j[2].name) for j in jobs],
                                               "options": {k: v for k, v in opts.items()}}, indent=2, default=str))
@@ -237,7 +239,7 @@ def sweep(ctx: click.Context, out: Path, workers: int | None, threads: int | Non
     todo = schedule(todo)
     click.echo(f"sweep {out}: {len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to run")
     if not todo:
-        _report(ctx, out, make_report, jobs)
+        _report(ctx, out, make_report)
         return
     if executor == "local":
         workers, threads = pool_shape(len(todo), workers, threads)
@@ -257,17 +259,15 @@ def sweep(ctx: click.Context, out: Path, workers: int | None, threads: int | Non
     failed = [o for o in unfinished if o[1].startswith("failed")]
     click.echo(f"sweep dir: {out}  ({len(outcomes) - len(unfinished)} finished, "
                f"{len(unfinished) - len(failed)} diverged" + (f", {len(failed)} failed" if failed else "") + ")")
-    _report(ctx, out, make_report, jobs)
+    _report(ctx, out, make_report)
     if failed:
         raise click.exceptions.Exit(1)
 
 
-def _report(ctx: click.Context, out: Path, make_report: bool, jobs: list) -> None:
+def _report(ctx: click.Context, out: Path, make_report: bool) -> None:
     """`diagnose report` on the sweep dir, when asked (after every run, whatever their outcomes)."""
     if not make_report:
         return
-    if all(probes is None for _, probes, _ in jobs):
-        raise click.ClickException("--report needs probe records, but the sweep ran with --no-probes")
     from diagnose.commands_analysis import report
 
     ctx.invoke(report, dirs=(out,), out=out / "report")

@@ -34,8 +34,12 @@ def test_second_run_of_a_warm_worker_is_bitwise_a_fresh_process_run(tmp_path):
     out = tmp_path / "sw"
     # Longest first: the depth-3 run warms the worker, then the depth-2 run is its second run.
     result = CliRunner().invoke(main, ["sweep", *TINY, "--steps", "6", "--depth", "3,2", "--workers", "1",
-                                       "--threads", "1", "--out", str(out)], catch_exceptions=False)
+                                       "--threads", "1", "--report", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0 and "(2 finished, 0 diverged)" in result.output, result.output
+    # --report: the sweep's report, as `diagnose report` writes it, without a second command.
+    assert f"2 run(s); report in {out / 'report'}" in result.output, result.output
+    assert "## Runs" in (out / "report" / "summary.md").read_text()
+    assert len(json.loads((out / "report" / "summary.json").read_text())["runs"]) == 2
     deep, warm = (next(out.glob(f"*_d{d}_*")) for d in (3, 2))
     assert (deep / "status.json").stat().st_mtime <= (warm / "config.json").stat().st_mtime  # ran second
     fresh = tmp_path / "fresh"
@@ -138,3 +142,10 @@ def test_pool_shape_fills_the_cores_unless_told(monkeypatch):
     assert pool_shape(100, 3, 5) == (3, 5)  # what the user says goes
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert pool_shape(100, 1, None) == (1, 1)
+
+
+def test_report_without_probes_fails_before_any_run(tmp_path):
+    result = CliRunner().invoke(main, ["sweep", *TINY, "--steps", "2", "--depth", "1,2", "--no-probes", "--report",
+                                       "--out", str(tmp_path / "sw")])
+    assert result.exit_code == 1 and "--report needs probe records" in result.output, result.output
+    assert not (tmp_path / "sw").exists()
