@@ -244,7 +244,9 @@ def sweep(ctx: click.Context, out: Path, workers: int | None, threads: int | Non
     if executor == "local":
         workers, threads = pool_shape(len(todo), workers, threads)
         click.echo(f"{workers} worker process{'es' if workers > 1 else ''}, "
-                   f"{threads} thread{'s' if threads > 1 else ''} each")
+                   f"{threads} thread{'s' if threads > 1 else ''} each"
+                   + (f" (more than the {cpu_cores()} CPU cores: they will contend)"
+                      if workers * threads > cpu_cores() else ""))
         outcomes = _run_local(todo, workers, threads, tqdm)
     else:
         jobs_ = submit(todo, out, executor, slurm_partition, slurm_time, slurm_gpus, slurm_cpus, slurm_mem,
