@@ -12,6 +12,9 @@ Everything runs the real command line (`python -m diagnose ...` in subprocesses)
 - balance: a sweep whose depths span 8× (2 to 16), against the ideal Σ own / workers;
   `wall_over_ideal` ≤ 1.10 is the target. The same measured run times are also put through the greedy
   schedule in grid order and longest first (`simulated_*`), which isolates the ordering from fixed costs.
+- CPU time: on a loaded machine wall times inflate with the load; so the same runs are trained again
+  one by one in this (warmed-up) process and their CPU time (`run_cpu_s`) set against the CPU time of
+  each side's processes together: `cpu_over_run_cpu`, `fixed_cpu_s_per_run`.
 - report: `diagnose report` on a sweep of `report_runs` tiny runs: wall and CPU time (target < 15 s).
 
 `baseline_code` (a checkout of another version of the toolkit, e.g. main) runs the warm sweep and the
@@ -109,10 +112,14 @@ def _cold(cfg: SweepBenchConfig, out: Path) -> dict[str, Any]:
                   "--out", str(run_dir)], threads=cfg.threads)
         return run_dir
 
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(cfg.workers) as pool:
         dirs = list(pool.map(one, range(cfg.runs)))
-    return _summary(time.perf_counter() - t0, [own_seconds(d) for d in dirs], cfg.workers)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {**_summary(wall, [own_seconds(d) for d in dirs], cfg.workers), "cpu_s": cpu}
 
 
 def _warm(cfg: SweepBenchConfig, out: Path, code: Path) -> dict[str, Any]:
@@ -121,6 +128,25 @@ def _warm(cfg: SweepBenchConfig, out: Path, code: Path) -> dict[str, Any]:
             "--threads", str(cfg.threads), "--out", str(out)]
     wall, cpu = diagnose(args, code, cfg.threads)
     return {**_summary(wall, [own_seconds(d) for d in run_dirs(out)], cfg.workers), "cpu_s": cpu}
+
+
+def run_cpu_seconds(run_dirs_: list[Path], out: Path, threads: int) -> list[float]:
+    """CPU time of each run trained again in this (warmed-up) process: its work, whatever the machine's
+    load, plus the small per-run part of a warm worker (building the trainer, the last validation and
+    checkpoint). With one thread, wall-clock figures on a loaded machine inflate; these do not."""
+    import torch
+
+    from diagnose.sweep import run_one
+
+    torch.set_num_threads(threads)
+    configs = [json.loads((d / "config.json").read_text()) for d in run_dirs_]
+    run_one(configs[0], configs[0]["probes"], str(out / "warm-up"), False, threads)  # imports, first calls
+    seconds = []
+    for i, config in enumerate(configs):
+        c0 = time.process_time()
+        run_one(config, config["probes"], str(out / f"run-{i}"), False, threads)
+        seconds.append(time.process_time() - c0)
+    return seconds
 
 
 def makespan(seconds: list[float], workers: int) -> float:
@@ -170,10 +196,18 @@ def run_sweep_bench(cfg: SweepBenchConfig) -> dict[str, Any]:
             for name in (list(sides) if r % 2 == 0 else list(reversed(sides))):
                 out = tmp_path / f"{name}-{r}"
                 per_side[name].append(sides[name](out))
-                shutil.rmtree(out)
+                if name != "warm":
+                    shutil.rmtree(out)
         for name, rows in per_side.items():
             result[name] = min(rows, key=lambda row: row["wall_over_own"])  # the least disturbed repeat
             result[name]["repeats"] = [row["wall_over_own"] for row in rows]
+        # CPU time: the sweep's processes together against the runs' own CPU time in a warm process.
+        own_cpu = run_cpu_seconds(run_dirs(tmp_path / "warm-0"), tmp_path / "own-cpu", cfg.threads)
+        result["run_cpu_s"] = sum(own_cpu)
+        for name in per_side:
+            r = result[name]
+            r["cpu_over_run_cpu"] = r["cpu_s"] / sum(own_cpu)
+            r["fixed_cpu_s_per_run"] = (r["cpu_s"] - sum(own_cpu)) / r["runs"]
         result["balance"] = _balance(cfg, tmp_path / "balance")
         report_dir = tmp_path / "report-sweep"
         _report_sweep(cfg, report_dir)
@@ -199,7 +233,9 @@ def format_sweep(result: dict[str, Any]) -> list[str]:
         if name in result:
             r = result[name]
             lines.append(f"    {name:<15} {r['runs']} runs: wall {r['wall_s']:.1f} s, own {r['own_s']:.1f} s, "
-                         f"wall × workers / own {r['wall_over_own']:.3f}, fixed {r['fixed_s_per_run']:.2f} s/run")
+                         f"wall × workers / own {r['wall_over_own']:.3f}, fixed {r['fixed_s_per_run']:.2f} s/run; "
+                         f"CPU {r['cpu_s']:.1f} s / runs' CPU {result['run_cpu_s']:.1f} s = "
+                         f"{r['cpu_over_run_cpu']:.3f}, fixed {r['fixed_cpu_s_per_run']:.2f} CPU s/run")
     b = result["balance"]
     lines.append(f"    balance (depths {b['depths']}): wall / (own / workers) {b['wall_over_ideal']:.3f}; "
                  f"simulated: grid order {b['simulated_grid_order_over_ideal']:.3f}, "
