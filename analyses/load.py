@@ -10,18 +10,6 @@ The sweep Dataset that `open_sweep` returns has the probe variables with the swe
 ("sp", "mup", "alpha=0.5", "alpha=1"); a coordinate `alpha` along `param` gives α (NaN for sp/mup).
 Combinations that were not run, steps a run did not probe and layers deeper than a run's model are
 NaN. Two extra variables over the sweep dims, `run_dir` and `state`, say where each cell came from.
-
-Damaged stores: zarr reads a chunk file that is missing from disk as its fill value (NaN), so a
-deleted or lost chunk would silently look like "no measurement". `missing_data` compares the chunk
-files on disk with the chunk grid that each array's metadata and the recorded step count imply;
-`open_run` warns (MissingDataWarning) and lists what it found in attrs["missing_data"], and
-`open_sweep` collects those lists. zarr also leaves out a chunk that is *entirely* NaN when it is
-written (zarr 3's default `write_empty_chunks=False`), so an absent chunk is reported only where an
-all-NaN chunk cannot be legitimate: a chunk holding the run's first probe step alone (where
-`delta_prev_rms` and the update shares are NaN by definition) or only steps at or after the
-trainer's NaN stop (`bad_step`) is taken as written-empty. A store whose attrs carry
-`write_empty_chunks=True` (every chunk written) gets no such allowance. While a run is still
-running, its last chunk along `step` is not checked (an append resizes the array before it writes).
 """
 
 from __future__ import annotations
@@ -59,10 +47,6 @@ class IncompatibleRunsError(AnalysisError):
 
 class InsufficientSweepError(AnalysisError):
     """The sweep does not vary what an analysis needs (e.g. a depth slope from a single depth)."""
-
-
-class MissingDataWarning(UserWarning):
-    """A store's recorded steps have chunks missing on disk: those values read as NaN (see `missing_data`)."""
 
 
 # --- parameterization labels ------------------------------------------------------------------------
@@ -196,78 +180,6 @@ def _identity(path: Path, attrs: dict) -> dict:
     return {"param": label, "alpha": alpha, **ident, "schema_version": version}
 
 
-def _compact(steps: list[int]) -> str:
-    """Sorted steps for a message: all of them up to six, else "first–last (n steps)"."""
-    return ", ".join(str(s) for s in steps) if len(steps) <= 6 else f"{steps[0]}–{steps[-1]} ({len(steps)} steps)"
-
-
-def missing_data(path: str | os.PathLike) -> list[dict]:
-    """Recorded steps of a run's store whose chunk files are missing on disk, per array.
-
-    Returns one dict per damaged array: {variable, steps (the recorded step values it cannot
-    read, sorted), chunks (the missing chunk keys)}; [] for a fully readable store. Arrays along
-    `step` are checked (data variables and the step coordinate); see the module doc for the chunks
-    that zarr legitimately leaves unwritten. Only local (directory) stores are checked.
-    """
-    import zarr  # imported here: opening a store's metadata only, not its records
-
-    store = Path(path) / schema.STORE_NAME
-    group = zarr.open_group(store, mode="r")
-    arrays = dict(group.arrays())
-    if "step" not in arrays:
-        return []
-    step_arr = arrays["step"]
-    all_empty_written = bool(group.attrs.get("write_empty_chunks", False))
-    status = load_status(path)
-    bad = status.get("bad_step") if status.get("state") == "failed" else None
-    bad = float(bad) if isinstance(bad, (int, float)) and not isinstance(bad, bool) else math.inf
-    running = status.get("state") == "running"  # its last chunk row may be mid-append right now
-    out = []
-    # The step coordinate first: an absent chunk of it reads as zeros (its fill value).
-    step_values = np.asarray(step_arr[:], dtype=np.int64)
-    for name, arr in arrays.items():
-        dims = arr.metadata.dimension_names or ()
-        if not dims or dims[0] != "step":
-            continue
-        file_chunks = arr.shards or arr.chunks  # a sharded array stores one file per shard
-        n_along = [math.ceil(n / c) if c else 0 for n, c in zip(arr.shape, file_chunks)]
-        encode = arr.metadata.chunk_key_encoding.encode_chunk_key
-        lost_steps: list[int] = []
-        lost_keys: list[str] = []
-        for coords in np.ndindex(*n_along):
-            key = encode(tuple(int(c) for c in coords))
-            if (store / name / key).exists():
-                continue
-            lo = coords[0] * file_chunks[0]
-            idx = np.arange(lo, min(lo + file_chunks[0], arr.shape[0]))
-            if running and coords[0] == n_along[0] - 1:
-                continue  # an append resizes the array before it writes the chunks
-            if not all_empty_written:
-                if name == "step":
-                    # Steps are distinct and increasing, so only a first chunk of one step (step 0,
-                    # the fill value) can have been left unwritten.
-                    if coords[0] == 0 and idx.size == 1:
-                        continue
-                else:
-                    steps = step_values[idx]
-                    first_step_alone = idx.size == 1 and steps[0] == step_values.min()
-                    if first_step_alone or np.all(steps >= bad):
-                        continue  # all NaN by definition (first step alone, or after the NaN stop)
-            lost_keys.append(f"{name}/{key}")
-            lost_steps.extend(int(s) for s in step_values[idx])
-        if lost_keys:
-            out.append({"variable": name, "steps": sorted(set(lost_steps)), "chunks": lost_keys})
-    return out
-
-
-def describe_missing(path: str | os.PathLike, found: list[dict]) -> list[str]:
-    """One line per damaged array of `missing_data`: store, variable, the recorded steps it cannot read."""
-    store = Path(path) / schema.STORE_NAME
-    return [f"{store}: {m['variable']} has no data on disk for recorded step(s) {_compact(m['steps'])} "
-            f"(missing chunk file(s) {', '.join(m['chunks'][:3])}{' ...' if len(m['chunks']) > 3 else ''}); "
-            "they read as NaN" for m in found]
-
-
 def run_identity(path: str | os.PathLike) -> dict:
     """A run's sweep coordinates {param (label), alpha, depth, width, seed, lr, schema_version}.
 
@@ -288,11 +200,9 @@ def open_run(path: str | os.PathLike) -> xr.Dataset:
     """Load one run's probe records into memory, after checking that it is a usable run dir.
 
     Returns the store's Dataset (dims `step`, `layer`, `site`, ...; variables as in
-    `probes.schema.VARIABLES`) with attrs extended by `run_dir` (str), `param_label` and
-    `missing_data` (one line per variable whose recorded steps have chunk files missing on disk;
-    each is also warned as MissingDataWarning). Raises NotARunError (not a run dir, no steps
-    recorded yet, missing attributes, an unreadable record) or IncompatibleRunsError (another
-    schema version, a variable with unexpected dims).
+    `probes.schema.VARIABLES`) with attrs extended by `run_dir` (str) and `param_label`.
+    Raises NotARunError (not a run dir, no steps recorded yet, missing attributes) or
+    IncompatibleRunsError (another schema version, a variable with unexpected dims).
     """
     path = Path(path)
     ds = _open_store(path)
@@ -304,16 +214,8 @@ def open_run(path: str | os.PathLike) -> xr.Dataset:
             raise IncompatibleRunsError(
                 f"{path}: variable {name} has dims {ds[name].dims}, schema says {('step', *var.dims)}"
             )
-    try:
-        ds = ds.load().sortby("step")
-    except Exception as err:  # a chunk file that is there but cannot be decoded (truncated, overwritten)
-        raise NotARunError(f"{path / schema.STORE_NAME}: a record cannot be read ({type(err).__name__}: {err})") \
-            from err
+    ds = ds.load().sortby("step")
     ds.attrs.update(run_dir=str(path), param_label=ident["param"])
-    lines = describe_missing(path, missing_data(path))
-    ds.attrs["missing_data"] = lines
-    for line in lines:
-        warnings.warn(line, MissingDataWarning, stacklevel=2)
     return ds
 
 
@@ -394,8 +296,7 @@ def as_sweep(ds: xr.Dataset) -> xr.Dataset:
     state = load_status(run_dir).get("state", "unknown") if run_dir else "unknown"
     ds = ds.assign(run_dir=((), run_dir), state=((), state))
     ds = ds.expand_dims({d: [ident[d]] for d in reversed(SWEEP_DIMS)})
-    ds.attrs = {"schema_version": ident["schema_version"], "n_runs": 1,
-                "missing_data": list(ds.attrs.get("missing_data", []))}
+    ds.attrs = {"schema_version": ident["schema_version"], "n_runs": 1}
     return _sort_sweep(ds)
 
 
@@ -404,19 +305,12 @@ def open_sweep(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> xr.Dat
 
     Runs are combined with an outer join: the union of probe steps, of layers (NaN above a shallow
     model's depth) and of optimizer groups. Variables that some runs lack are dropped with a
-    warning (their names go to attrs["dropped_variables"]). attrs["missing_data"] lists, per damaged
-    store, the variable and recorded steps whose chunk files are missing (see `open_run`; [] when
-    every store is fully readable). Raises IncompatibleRunsError for runs
+    warning (their names go to attrs["dropped_variables"]). Raises IncompatibleRunsError for runs
     with different schema versions, with no variable in common, or two runs with the same
     (param, depth, width, seed, lr).
     """
     runs = find_runs(paths)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MissingDataWarning)  # warned once below, for the whole sweep
-        datasets = [open_run(p) for p in runs]
-    damaged = [line for ds in datasets for line in ds.attrs.get("missing_data", [])]
-    for line in damaged:
-        warnings.warn(line, MissingDataWarning, stacklevel=2)
+    datasets = [open_run(p) for p in runs]
     versions = {int(ds.attrs["schema_version"]) for ds in datasets}
     if len(versions) > 1:
         raise IncompatibleRunsError(f"runs mix schema versions {sorted(versions)}; re-record or open them apart")
@@ -452,7 +346,7 @@ def open_sweep(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> xr.Dat
     )
     combined = combined.set_index(run=list(SWEEP_DIMS)).unstack("run")
     combined = combined.transpose(*SWEEP_DIMS, ...)
-    combined.attrs = {"schema_version": versions.pop(), "n_runs": len(runs), "missing_data": damaged}
+    combined.attrs = {"schema_version": versions.pop(), "n_runs": len(runs)}
     if dropped:
         combined.attrs["dropped_variables"] = dropped
     return _sort_sweep(combined)
@@ -465,26 +359,6 @@ def list_runs(ds: xr.Dataset) -> pd.DataFrame:
     df = df[df["run_dir"].map(lambda v: isinstance(v, str) and v != "")]
     df = df.drop(columns=[c for c in df.columns if c not in (*SWEEP_DIMS, "alpha", "run_dir", "state")])
     return df.reset_index(drop=True)
-
-
-def nan_stop_steps(ds: xr.Dataset) -> xr.DataArray:
-    """Per run of a sweep Dataset, the step at which training stopped on a non-finite loss.
-
-    Read from each run's status.json (`bad_step`, written by the trainer's NaN stop). Returns a
-    float DataArray over the sweep dims: the bad step, NaN for runs that did not diverge (finished,
-    running, crashed for another reason) and for cells without a run or without a `run_dir`.
-    """
-    ds = as_sweep(ds)
-    out = xr.DataArray(np.full([ds.sizes[d] for d in SWEEP_DIMS], np.nan), dims=SWEEP_DIMS,
-                       coords={d: ds[d].values for d in SWEEP_DIMS})
-    if "run_dir" not in ds:
-        return out
-    for _, row in list_runs(ds).iterrows():
-        status = load_status(row["run_dir"])
-        bad = status.get("bad_step")
-        if status.get("state") == "failed" and isinstance(bad, (int, float)) and not isinstance(bad, bool):
-            out.loc[{d: row[d] for d in SWEEP_DIMS}] = float(bad)
-    return out
 
 
 def sort_by_param(df: pd.DataFrame, *others: str) -> pd.DataFrame:
