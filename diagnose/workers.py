@@ -9,7 +9,9 @@ warm worker as in a fresh process (tests/scaleout/test_sweep_workers.py checks i
 
 Unlike `concurrent.futures.ProcessPoolExecutor`, whose pool breaks for good when one worker dies, a
 worker that is killed (out of memory, a segfault, `kill -9`) costs only the run it was executing:
-that run is reported as failed, a fresh worker takes its place and the other runs go on.
+that run is reported as failed, a fresh worker takes its place and the other runs go on. A sweep that
+is itself killed takes its workers with it (they watch their parent), leaving each run interrupted at
+its last checkpoint, for a re-run to resume.
 
 Jobs are handed out in the order given: the caller sorts them longest first, so the long runs do not
 end up alone at the end of the sweep (see `diagnose.sweep.schedule`).
@@ -18,6 +20,9 @@ end up alone at the end of the sweep (see `diagnose.sweep.schedule`).
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,8 +37,20 @@ class JobFailed:
     message: str
 
 
-def _serve(conn: Connection, fn: Callable[..., Any]) -> None:
-    """A worker's loop: receive argument tuples, send back ("ok", result) or ("error", message)."""
+def _exit_with(parent: int) -> None:
+    """End this worker, mid-run if need be, once the sweep that started it is gone (killed, not closed):
+    no orphan keeps writing into a run dir that a re-run of the sweep would resume."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _serve(conn: Connection, fn: Callable[..., Any], parent: int) -> None:
+    """A worker's loop: receive argument tuples, send back ("ok", result) or ("error", message).
+
+    `parent`: the sweep's pid, passed in (not read here: the sweep may already be gone by now)."""
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     while True:
         try:
             args = conn.recv()
@@ -77,7 +94,7 @@ class WarmPool:
 
     def _start(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=_serve, args=(child, self.fn), daemon=True)
+        process = self._ctx.Process(target=_serve, args=(child, self.fn, os.getpid()), daemon=True)
         process.start()
         child.close()  # the parent keeps only its end: a dead worker then reads as EOF here
         return _Worker(process, parent)

@@ -10,3 +10,11 @@ def fail_on_odd(x: int) -> int:
     if x % 2:
         raise ValueError(f"odd {x}\nsecond line")
     return x * 10
+
+
+def nap(seconds: float) -> float:
+    """Sleep, then return the seconds slept: a job long enough to be caught running."""
+    import time
+
+    time.sleep(seconds)
+    return seconds

@@ -149,3 +149,25 @@ def test_report_without_probes_fails_before_any_run(tmp_path):
                                        "--out", str(tmp_path / "sw")])
     assert result.exit_code == 1 and "--report needs probe records" in result.output, result.output
     assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker through /proc (Linux)")
+def test_workers_end_when_the_sweep_process_is_killed():
+    code = ("from diagnose.workers import WarmPool\nfrom tests.scaleout._pool_jobs import nap\n"
+            "print(list(WarmPool(nap, 1).run([(120,)])))")
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while (worker := _worker_pid(parent.pid)) is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert worker is not None, parent.stderr.read() if parent.poll() is not None else "no worker started"
+    parent.kill()  # SIGKILL: no clean-up code of the parent runs
+    parent.wait()
+    deadline = time.time() + 30
+    while Path(f"/proc/{worker}").exists() and time.time() < deadline:
+        try:  # reap it if it became our child (a subreaper); otherwise init does
+            os.waitpid(worker, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    state = Path(f"/proc/{worker}/stat").read_text().split()[2] if Path(f"/proc/{worker}").exists() else "gone"
+    assert state in ("gone", "Z"), f"worker {worker} still running ({state}) after its sweep was killed"
