@@ -4,6 +4,7 @@
     python -m benchmarks --quick    # a smaller model and fewer repeats (about a minute)
     python -m benchmarks --json     # print the JSON result instead of the table
     python -m benchmarks --out results.json
+    python -m benchmarks --parts sweep   # local sweeps: warm workers, balance, report time (benchmarks.sweep)
 The GPU benchmark (GPT-2-small shape, compiled, bf16) is `python -m benchmarks.gpu --out DIR`.
 """
 
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.suite import QUICK, BenchConfig, format_table, run_suite
+from benchmarks.sweep import QUICK_SWEEP, SweepBenchConfig, format_sweep, run_sweep_bench
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smaller model, fewer repeats")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", type=Path, help="also write the JSON result to this file")
-    p.add_argument("--parts", default="trainer,probes", help="comma-separated: trainer, probes")
+    p.add_argument("--parts", default="trainer,probes", help="comma-separated: trainer, probes, sweep")
+    p.add_argument("--baseline-code", default="", help="sweep part: also time another checkout of the toolkit")
     for field in dataclasses.fields(BenchConfig):
         if field.type in ("int", "str"):
             p.add_argument("--" + field.name.replace("_", "-"), type=int if field.type == "int" else str,
@@ -43,12 +46,17 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run_suite(config_from(args), tuple(args.parts.split(",")))
+    parts = tuple(args.parts.split(","))
+    result = run_suite(config_from(args), parts)
+    if "sweep" in parts:
+        sweep_cfg = QUICK_SWEEP if args.quick else SweepBenchConfig()
+        result["sweep"] = run_sweep_bench(dataclasses.replace(sweep_cfg, baseline_code=args.baseline_code))
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
-    print(text if args.json else format_table(result))
+    table = format_table(result) + ("\n" + "\n".join(format_sweep(result["sweep"])) if "sweep" in result else "")
+    print(text if args.json else table)
     return 0
 
 

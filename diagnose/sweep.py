@@ -5,6 +5,11 @@ ones continue from their last checkpoint, and the rest start. Slurm submission g
 submitit (one job array, one array task per run); `--executor debug` runs the same submitit path
 in-process, for tests. With `--slurm-gpus N > 1` each run is a data-parallel job of N tasks (one per
 GPU) that joins a torch.distributed process group, as under torchrun.
+
+Locally, runs go to warm worker processes (`diagnose.workers`) that import once and run one run after
+another, longest first by an estimate of their cost, so that the deepest runs do not finish alone
+at the end; by default workers × threads per worker fill the CPU cores. `--report` writes the
+sweep's report (`diagnose report`) when the runs are done.
 """
 
 from __future__ import annotations
@@ -14,8 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 
 import click
@@ -147,10 +150,13 @@ def check_slurm(params: dict[str, object], check_tools: bool = True) -> None:
 @sweep_axis_options
 @probe_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Sweep dir.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Local worker processes (--executor local).")
+@click.option("--workers", type=int, default=None,
+              help="Local worker processes [default: CPU cores // threads, at most one per run] (--executor local).")
 @click.option("--threads", type=int, default=None,
               help="Torch threads per local worker [default: $OMP_NUM_THREADS, else CPU cores // workers]. "
                    "One per worker is fastest for tiny models on a busy machine.")
+@click.option("--report/--no-report", "make_report", default=False, show_default=True,
+              help="Write the sweep's report (figures, summary.md) into <out>/report when the runs are done.")
 @click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
               help="local process pool, slurm (submitit job array) or debug (submitit, in-process).")
 @click.option("--slurm-partition", default=None, help="Slurm partition (--executor slurm).")
@@ -165,12 +171,12 @@ def check_slurm(params: dict[str, object], check_tools: bool = True) -> None:
               help="Any other submitit Slurm parameter, e.g. account=myproj, qos=high, constraint=a100 "
                    "(repeatable; --executor slurm).")
 @click.pass_context
-def sweep(ctx: click.Context, out: Path, workers: int, threads: int | None, executor: str,
+def sweep(ctx: click.Context, out: Path, workers: int | None, threads: int | None, make_report: bool, executor: str,
           slurm_partition: str | None, slurm_time: int, slurm_gpus: int, slurm_cpus: int,
           slurm_mem: float | None, slurm_parallel: int, slurm_opt: tuple[str, ...], **opts) -> None:
     """Train a grid of runs. --param, --alpha, --depth, --width, --lr and --seed take comma lists.
 
-    Each run is its own process (a local pool) or its own Slurm array task (--executor slurm).
+    Locally, warm worker processes run the runs longest first; on Slurm each run is an array task.
     """
     from tqdm import tqdm
 
@@ -193,7 +199,7 @@ def sweep(ctx: click.Context, out: Path, workers: int, threads: int | None, exec
         raise click.ClickException(f"--threads={threads} must be a positive integer")
     for name, value in (("workers", workers), ("slurm-time", slurm_time), ("slurm-cpus", slurm_cpus),
                         ("slurm-parallel", slurm_parallel)):
-        if value <= 0:
+        if value is not None and value <= 0:
             raise click.ClickException(f"--{name}={value} must be a positive integer")
     if slurm_gpus < 0:
         raise click.ClickException(f"--slurm-gpus={slurm_gpus} must be 0 or more")
@@ -217,6 +223,8 @@ def sweep(ctx: click.Context, out: Path, workers: int, threads: int | None, exec
             jobs.append((spec, probes, out / run_name(spec)))
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
+    if make_report and all(probes is None for _, probes, _ in jobs):
+        raise click.ClickException("--report needs probe records, but the sweep runs with --no-probes")
     out.mkdir(parents=True, exist_ok=True)
     (out / SWEEP_NAME).write_text(json.dumps({"runs": [str(j[2].name) for j in jobs],
                                               "options": {k: v for k, v in opts.items()}}, indent=2, default=str))
@@ -228,10 +236,17 @@ def sweep(ctx: click.Context, out: Path, workers: int, threads: int | None, exec
         if state == "new" and run_dir.exists():
             shutil.rmtree(run_dir)  # started but never checkpointed: start over
         todo.append((spec.to_dict(), probes.to_dict() if probes else None, str(run_dir), state == "interrupted"))
+    todo = schedule(todo)
     click.echo(f"sweep {out}: {len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to run")
     if not todo:
+        _report(ctx, out, make_report)
         return
     if executor == "local":
+        workers, threads = pool_shape(len(todo), workers, threads)
+        click.echo(f"{workers} worker process{'es' if workers > 1 else ''}, "
+                   f"{threads} thread{'s' if threads > 1 else ''} each"
+                   + (f" (more than the {cpu_cores()} CPU cores: they will contend)"
+                      if workers * threads > cpu_cores() else ""))
         outcomes = _run_local(todo, workers, threads, tqdm)
     else:
         jobs_ = submit(todo, out, executor, slurm_partition, slurm_time, slurm_gpus, slurm_cpus, slurm_mem,
@@ -246,21 +261,69 @@ def sweep(ctx: click.Context, out: Path, workers: int, threads: int | None, exec
     failed = [o for o in unfinished if o[1].startswith("failed")]
     click.echo(f"sweep dir: {out}  ({len(outcomes) - len(unfinished)} finished, "
                f"{len(unfinished) - len(failed)} diverged" + (f", {len(failed)} failed" if failed else "") + ")")
+    _report(ctx, out, make_report)
     if failed:
         raise click.exceptions.Exit(1)
 
 
-def _run_local(todo: list[tuple], workers: int, threads: int | None, tqdm) -> list[tuple[str, str]]:
+def _report(ctx: click.Context, out: Path, make_report: bool) -> None:
+    """`diagnose report` on the sweep dir, when asked (after every run, whatever their outcomes)."""
+    if not make_report:
+        return
+    from diagnose.commands_analysis import report
+
+    ctx.invoke(report, dirs=(out,), out=out / "report")
+
+
+def run_cost(spec_dict: dict) -> float:
+    """Estimated training FLOPs of a run (model FLOPs per token × tokens), to schedule the longest first."""
+    from trainer.loop import RunSpec
+    from trainer.model import flops_per_token
+
+    spec = RunSpec.from_dict(spec_dict)
+    tokens = spec.train.steps * spec.train.batch_size * spec.model.seq_len
+    return flops_per_token(spec.param, spec.model.seq_len) * tokens
+
+
+def schedule(todo: list[tuple]) -> list[tuple]:
+    """`todo` longest first by `run_cost` (ties keep the grid order): the greedy order that lets
+    the short runs fill in around the long ones, so no worker idles while the deepest run finishes."""
+    return sorted(todo, key=lambda job: -run_cost(job[0]))
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, as a job scheduler sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def pool_shape(runs: int, workers: int | None, threads: int | None) -> tuple[int, int]:
+    """(workers, threads per worker) for a local sweep of `runs` runs: unless given, workers × threads
+    fill the cores, with $OMP_NUM_THREADS (else one) threads per worker and at most one worker per run."""
+    cores = cpu_cores()
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
+    if workers is None:
+        workers = max(1, min(runs, cores // (threads or 1)))
     if threads is None:
-        threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // workers))
-    if workers == 1:
-        return [run_one(*job, threads) for job in tqdm(todo, desc="runs", unit="run")]
+        threads = max(1, cores // workers)
+    return workers, threads
+
+
+def _run_local(todo: list[tuple], workers: int, threads: int, tqdm) -> list[tuple[str, str]]:
+    """Run `todo` in order on a pool of warm workers; a run that raised or whose worker died is 'failed (...)'."""
+    from diagnose.workers import JobFailed, WarmPool
+
     outcomes = []
-    # spawn: a fresh interpreter per worker, no forked torch state.
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, *job, threads) for job in todo]
-        for future in tqdm(as_completed(futures), total=len(futures), desc="runs", unit="run"):
-            outcomes.append(future.result())
+    pool = WarmPool(run_one, workers)
+    with tqdm(total=len(todo), desc="runs", unit="run") as bar:
+        for index, result in pool.run([(*job, threads) for job in todo]):
+            if isinstance(result, JobFailed):
+                result = (todo[index][2], f"failed ({result.message})")
+            outcomes.append(tuple(result))
+            bar.update()
     return outcomes
 
 
