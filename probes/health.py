@@ -36,6 +36,7 @@ from torch import nn
 
 from probes.hooks import SiteSpec, capture
 from probes.schema import BLOCK_ROLES, GLOBAL_ROLES, INTERNAL_SITES, SITES
+from trainer.distributed import full_parameters, local_part, sum_across_ranks
 
 OUTLIER_MULTIPLE = 6.0  # act_outlier_frac counts entries with |x| > 6 × RMS (Gaussian: 2e-9)
 POWER_STEPS = 10  # power-iteration steps per health step, from the previous one's vector
@@ -122,7 +123,8 @@ def attention_statistics(adapter, acts: dict, batch: torch.Tensor | None,
         global_names = {id(p): n for n, p in adapter.model.named_parameters()}
         with _math_attention(adapter):
             for layer, (branch, input_site) in enumerate(branches):
-                local = {k: params[global_names[id(p)]] for k, p in branch.named_parameters()}
+                # Whole tensors of this branch (sharded: an all-gather every rank takes part in).
+                local = full_parameters({k: params[global_names[id(p)]] for k, p in branch.named_parameters()})
                 with capture(sites[layer]) as found:
                     torch.func.functional_call(branch, local, (acts[(layer, input_site)],))
                 per_layer.append(attention_reductions(found["attn_logits"], probs=found.get("attn_probs")))
@@ -236,7 +238,7 @@ def adam_statistics(model: nn.Module, optimizer: torch.optim.Optimizer | None, r
     group_of = {}
     if optimizer is not None:
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    names, m2, v2, dominated, count = [], [], [], [], []
+    names, m2, v2, dominated, count, sharded = [], [], [], [], [], []
     for name, p in model.named_parameters():
         state = optimizer.state.get(p, {}) if optimizer is not None else {}
         if name not in roles or "exp_avg_sq" not in state:
@@ -245,10 +247,12 @@ def adam_statistics(model: nn.Module, optimizer: torch.optim.Optimizer | None, r
         beta2, eps = group["betas"][1], group["eps"]
         step = state["step"]
         step = step.to(device=device, dtype=torch.float32) if isinstance(step, torch.Tensor) else float(step)
-        v = state["exp_avg_sq"].detach()
+        # Sharded (FSDP2) state: this rank's shard here, the shards' sums added across ranks below.
+        v = local_part(state["exp_avg_sq"].detach())
+        sharded.append(local_part(state["exp_avg_sq"]) is not state["exp_avg_sq"])
         sqrt_v_hat = (v.float() / (1 - beta2**step)).sqrt()
         names.append(name)
-        m2.append(state["exp_avg"].detach().float().pow(2).sum())
+        m2.append(local_part(state["exp_avg"].detach()).float().pow(2).sum())
         v2.append(v.float().pow(2).sum())
         dominated.append((sqrt_v_hat <= eps).sum().float())
         count.append(torch.tensor(float(v.numel()), device=device))
@@ -257,8 +261,11 @@ def adam_statistics(model: nn.Module, optimizer: torch.optim.Optimizer | None, r
         sums = [nan, nan, nan, nan]
     else:
         idx = _cells(names, roles, layers, depth).to(device)
-        sums = [torch.zeros(cells, device=device).index_add_(0, idx, torch.stack(v).float())
-                for v in (m2, v2, dominated, count)]
+        per_param = torch.stack([torch.stack(v).float() for v in (m2, v2, dominated, count)])  # (4, params)
+        if any(sharded):  # one all-reduce; unsharded tensors (the same on every rank) counted once
+            mask = torch.tensor(sharded, device=device)
+            per_param = torch.where(mask, sum_across_ranks(torch.where(mask, per_param, 0.0)), per_param)
+        sums = [torch.zeros(cells, device=device).index_add_(0, idx, row) for row in per_param]
     m2c, v2c, dc, nc = sums
     empty = nc == 0
     out = {
@@ -319,8 +326,10 @@ def spectral_statistics(params_before: dict[str, torch.Tensor], params_after: di
     table = torch.full((3, depth, max(len(matrices), 1)), float("nan"), device=device)
     for j, (_, entries) in enumerate(matrices.items()):
         for layer, name in entries:
-            w = params_before[name].detach().float().flatten(1)
-            dw = params_after[name].detach().float().flatten(1) - w
+            # Whole matrices (sharded: an all-gather every rank takes part in, in the same order).
+            whole = full_parameters({"before": params_before[name], "after": params_after[name]})
+            w = whole["before"].detach().float().flatten(1)
+            dw = whole["after"].detach().float().flatten(1) - w
             sigmas = []
             for kind, m in (("w", w), ("dw", dw)):
                 key = f"{name}|{kind}"

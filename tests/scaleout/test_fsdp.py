@@ -28,10 +28,12 @@ from tests.scaleout.conftest import REPO, assert_ok, metrics, torchrun
 # ε = 1e-8 that noise stays below every other update, and all variables must agree to 1e-5.
 ARGS = ["--width", "64", "--depth", "2", "--seq-len", "16", "--batch-size", "8", "--grad-accum", "2",
         "--steps", "20", "--eval-every", "10", "--checkpoint-every", "10", "--log-every", "5",
-        "--probe-every", "4", "--probe-batch", "2", "--eps", "1e-8", "--device", "cpu", "--no-report", "--quiet"]
+        "--probe-every", "4", "--probe-batch", "2", "--eps", "1e-8", "--grad-clip", "1", "--device", "cpu",
+        "--no-report", "--quiet"]
 # Measured on 2 gloo processes vs 1 process (CPU, float32 training, float64 linearization): losses and
 # grad norms ≤ 3.5e-7 relative over 20 steps; probe variables ≤ 2.8e-6 (update sizes), ≤ 9e-7 (the rest).
 RTOL = 1e-5
+KEY_BIAS_SENSITIVE = {"attn_max_logit"}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,11 @@ def _assert_same_records(a_dir, b_dir, ignore_attrs=()):
     assert a["step"].values.tolist() == b["step"].values.tolist()  # each step once: one writer
     for name in a.data_vars:
         assert a[name].dims == b[name].dims, name
-        np.testing.assert_allclose(b[name].values, a[name].values, rtol=RTOL, atol=0, err_msg=name)
+        # The max attention logit contains q·b_k, and the key bias b_k has an analytically zero gradient,
+        # so its Adam updates are rounding noise that differs between reduction orders (see ARGS); the
+        # softmax (and so the entropy) is blind to it. Measured: 3.4e-5 relative in the plain FSDP2 loop.
+        rtol = 1e-4 if name in KEY_BIAS_SENSITIVE else RTOL
+        np.testing.assert_allclose(b[name].values, a[name].values, rtol=rtol, atol=0, err_msg=name)
     return a
 
 

@@ -52,6 +52,7 @@ def test_an_injected_lr_spike_is_detected_replayed_bitwise_and_explained(tmp_pat
                      "--seq-len", "32", "--lr", "0.01", "--probe-every", "10", "--probe-batch", "4",
                      "--checkpoint-every", "4", "--keep-checkpoints-every", "4", "--log-every", "5",
                      "--eval-every", "100", "--probe-health-every", "10", "--debug-lr-spike", f"{INJECTED}:100",
+                     "--grad-clip", "1",  # the scenario this test was built on (the CLI default is now 0)
                      "--out", str(run), "--quiet",
                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
