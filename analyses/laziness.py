@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from analyses import coordcheck, stats
+from analyses import coordcheck, stats, theory
 from analyses.load import InsufficientSweepError, as_sweep, parse_param_label, sort_by_param
 
 # Slope below which a parameterization counts as lazy (α̂ below 1 + LAZY_THRESHOLD = 0.8). Theory
@@ -70,10 +70,11 @@ _CELL_KEYS = ("width", "lr")
 
 
 def theory_slope(label: str, variable: str = "lin_ratio") -> float:
-    """Predicted log-log slope vs depth: (α − 1) for lin_ratio, 2(α − 1) for nonlin_to_output; 0 for sp/mup."""
+    """Predicted log-log slope vs depth, from the one theory table (analyses.theory): (α − 1) for
+    lin_ratio and the combined ratio, 2(α − 1) for nonlin_to_output; 0 for sp/mup."""
     param, alpha = parse_param_label(label)
-    order = _THEORY_ORDER[variable]
-    return 0.0 if param in ("sp", "mup") else order * (alpha - 1.0)
+    quantity = "lin_ratio" if variable == "combined" else variable
+    return theory.predicted_exponent(param, alpha, quantity, "depth")
 
 
 def _run_name(row) -> str:
