@@ -83,6 +83,13 @@ def _link_or_copy(src: Path, dst: Path, link: bool = True) -> None:
     os.replace(tmp, dst)
 
 
+def keep_copy(path: Path, kept: Path) -> None:
+    """Keep the checkpoint just written at `path` also as `kept` (a hard link where the file system has
+    them, else a copy; atomic). Safe to share bytes: checkpoints are replaced by rename, never rewritten."""
+    kept.parent.mkdir(exist_ok=True)
+    _link_or_copy(Path(path), Path(kept))
+
+
 def save_keeping_previous(obj: dict[str, Any], path: Path) -> None:
     """`save_atomic`, keeping the file it replaces as PREVIOUS_NAME beside it.
 

@@ -247,9 +247,8 @@ class Trainer:
         ckpt.save_keeping_previous(state, self.run_dir / ckpt.CHECKPOINT_NAME)
         keep = self.spec.train.keep_checkpoints_every
         if keep and self.step % keep == 0:
-            kept = ckpt.kept_path(self.run_dir, self.step)
-            kept.parent.mkdir(exist_ok=True)
-            ckpt.save_atomic(state, kept)
+            # The bytes just written, not a second serialization of the same state.
+            ckpt.keep_copy(self.run_dir / ckpt.CHECKPOINT_NAME, ckpt.kept_path(self.run_dir, self.step))
 
     def load_checkpoint(self) -> None:
         # Sharded: the full tensors stay on the CPU; each rank copies only its own shards to the device.
