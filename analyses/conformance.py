@@ -75,6 +75,8 @@ def quantity_table(ds: xr.Dataset, quantity: Quantity) -> pd.DataFrame:
     if quantity.variable not in ds:
         return pd.DataFrame(columns=["param", "alpha", "depth", "width", "seed", "lr", "branch", "value"])
     da = _steps(ds[quantity.variable], quantity.steps)
+    if quantity.max_feature_change is not None:
+        da = da.where(_perturbative(ds, da["step"], quantity.max_feature_change))
     if quantity.transform == "1-x":
         da = 1.0 - da
     logs = xr.apply_ufunc(stats.safe_log, da)
@@ -91,6 +93,21 @@ def quantity_table(ds: xr.Dataset, quantity: Quantity) -> pd.DataFrame:
             frame = frame[frame["branch"].isin(quantity.components)]
     frame = frame[np.isfinite(frame["value"])]
     return frame[["param", "alpha", "depth", "width", "seed", "lr", "branch", "value"]].reset_index(drop=True)
+
+
+def _perturbative(ds: xr.Dataset, steps: xr.DataArray, limit: float) -> xr.DataArray:
+    """Per param, step and branch: True where every run's feature change (geometric mean over layers)
+    is below `limit`. A common set of steps for all runs of a fit, so that no depth averages over
+    steps the others leave out (1 − CKA grows with the step). False everywhere without the variable."""
+    if "feature_change" not in ds:
+        return xr.DataArray(False)
+    change = ds["feature_change"].sel(step=steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells: runs that were not made
+        per_run = np.exp(xr.apply_ufunc(stats.safe_log, change).mean("layer", skipna=True))
+        runs = [d for d in per_run.dims if d not in ("param", "step", "branch")]
+        worst = per_run.max(runs, skipna=True)
+    return worst < limit
 
 
 def linearized_table(ds: xr.Dataset) -> pd.DataFrame:

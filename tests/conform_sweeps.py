@@ -1,4 +1,8 @@
-"""Tiny real sweeps (trained here, in-process) for the conformance tests: width 32-128, depth 2-8, 4 steps."""
+"""Tiny real sweeps (trained here, in-process) for the conformance tests: width 32-128, depth 2-8, 16 steps.
+
+Why 16 steps: at 4 steps the per-update linearization ratio of the MLP at α = ½ is still in Adam's first,
+sign-like transient (depth slope −0.93 against −0.5; −0.65 at 16 steps, −0.59 at 40): docs/EXPERIMENTS.md §5.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from trainer.parameterization import Parameterization
 
 
 def tiny_run(out: Path, param: str = "alpha", alpha: float = 1.0, depth: int = 2, width: int = 32, seed: int = 0,
-             steps: int = 4, linearized: int = 0, **param_kw) -> Path:
+             steps: int = 16, linearized: int = 0, **param_kw) -> Path:
     """Train one tiny run with probes at every step into `out` and return it."""
     from diagnose.cli import execute_run
 
