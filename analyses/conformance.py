@@ -22,6 +22,7 @@ the sweeps recorded in docs/EXPERIMENTS.md (section "Three laziness measures and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterable
@@ -178,6 +179,7 @@ def conformance(ds: xr.Dataset, quantities: Iterable[str] | None = None, n_boot:
         q = QUANTITIES[name]
         table = linearized_table(ds) if q.variable == "linearized_share" else quantity_table(ds, q)
         for axis in varied:
+            rows += _outside_regime(ds, q, table, axis)
             if table.empty or table[axis].nunique() < 2:
                 continue
             for _, fit in _slopes(table, axis, n_boot, seed).iterrows():
@@ -195,6 +197,29 @@ def conformance(ds: xr.Dataset, quantities: Iterable[str] | None = None, n_boot:
                              "n_levels": int(fit["n_depths"]), "min_seeds": int(fit["min_seeds"]), "reason": reason})
     out = pd.DataFrame(rows, columns=COLUMNS)
     return sort_by_param(out, "axis") if not out.empty else out
+
+
+def _outside_regime(ds: xr.Dataset, q: Quantity, table: pd.DataFrame, axis: str) -> list[dict]:
+    """Inconclusive rows for the fits that `max_feature_change` left without a probe step."""
+    if q.max_feature_change is None:
+        return []
+    every_step = quantity_table(ds, dataclasses.replace(q, max_feature_change=None))
+    fitted = set(zip(table["param"], table["branch"]))
+    rows = []
+    for (label, branch), group in every_step.groupby(["param", "branch"], sort=False):
+        if (label, branch) in fitted or group[axis].nunique() < 2:
+            continue
+        param, alpha = _param_of(label, group["alpha"].iloc[0])
+        predicted = predicted_exponent(param, alpha, q.name, axis, None if branch == "-" else branch)
+        if predicted is None:
+            continue
+        rows.append({"quantity": q.name, "component": branch, "axis": axis, "param": label, "measured": math.nan,
+                     "ci_low": math.nan, "ci_high": math.nan, "predicted": predicted,
+                     "tolerance": TOLERANCE.get(q.name, DEFAULT_TOLERANCE), "status": "inconclusive",
+                     "n_levels": int(group[axis].nunique()), "min_seeds": 0,
+                     "reason": f"no probe step at which every run's feature change is below {q.max_feature_change:g} "
+                               "(the second-order expansion's regime); probe earlier steps"})
+    return rows
 
 
 def _param_of(label: str, alpha: float) -> tuple[str, float]:
