@@ -3,8 +3,9 @@
 For each quantity of `analyses.theory.QUANTITIES` (per branch or block role where it has one), each
 axis the sweep varies (depth, width) and each parameterization in the sweep:
 1. per run, the geometric mean of the quantity over layers and its probe steps (theory.Quantity:
-   step 0, the last probe step, or every probe step ≥ 1);
-2. the log-log slope against depth (or width) with a bootstrap interval over seeds, by
+   step 0, the last probe step, or every probe step ≥ 1; for 1 − CKA only the steps at which every run
+   of the fit has its feature change δ below theory.DELTA_MAX, where the prediction, an expansion in δ, holds);
+2. the log-log slope against depth (or width) with a 95% Student-t interval (seeds as replicates), by
    `analyses.laziness.depth_slopes` (fixed effects per cell of the other sweep dims);
 3. a status against the prediction p of `analyses.theory.predicted_exponent`, with a tolerance t
    for finite-size corrections (TOLERANCE, wider for second-order quantities):
@@ -164,7 +165,7 @@ def conformance(ds: xr.Dataset, quantities: Iterable[str] | None = None, n_boot:
                 seed: int = 0) -> pd.DataFrame:
     """The conformance table of a sweep: one row per quantity × component × axis × parameterization.
 
-    Columns: COLUMNS (measured = fitted exponent, ci_low/ci_high its bootstrap interval, predicted the
+    Columns: COLUMNS (measured = fitted exponent, ci_low/ci_high its Student-t interval, predicted the
     theory exponent, status pass/fail/inconclusive with its reason). Axes the sweep does not vary
     (fewer than two depths or widths) are left out; raises InsufficientSweepError when none is varied.
     """

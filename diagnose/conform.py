@@ -17,15 +17,18 @@ from diagnose.commands_analysis import AnalysisFailed, _one_line_errors
               help="Print a JSON list of rows (quantity, axis, param, measured, ci_low, ci_high, predicted, status).")
 @click.option("--quantity", "quantities", multiple=True, metavar="NAME",
               help="Check only this quantity (repeatable; see analyses.theory.QUANTITIES).")
-@click.option("--n-boot", type=click.IntRange(min=10), default=1000, show_default=True,
-              help="Bootstrap resamples for the intervals.")
-@click.option("--seed", "boot_seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--n-boot", type=click.IntRange(min=10), default=1000, hidden=True,
+              help="No effect (the intervals are no longer bootstrapped); kept so that old scripts run.")
+@click.option("--seed", "boot_seed", type=int, default=0, hidden=True, help="No effect; kept so that old scripts run.")
 def conform(dirs: tuple[Path, ...], as_json: bool, quantities: tuple[str, ...], n_boot: int, boot_seed: int) -> None:
     """Measured scaling exponents of a sweep against the parameterization's predictions.
 
     For every recorded quantity (per branch or role) and every axis the sweep varies (depth, width):
-    the fitted log-log exponent with a bootstrap interval over seeds, the predicted exponent
-    (analyses/theory.py) and pass / fail / inconclusive. Exit 1 when any row fails, 2 on bad input.
+    the fitted log-log exponent with a 95% Student-t interval (least squares over the runs, one
+    intercept per width/LR cell: seeds are the replicates), the predicted exponent
+    (analyses/theory.py, `python -m analyses.theory`) and pass / fail / inconclusive. 1 − CKA is
+    fitted only on probe steps where every run's feature change is below 0.3 (its second-order
+    expansion's regime). Exit 1 when any row fails, 2 on bad input.
     """
     from analyses.conformance import conformance, failures, format_table, records
     from analyses.load import open_sweep
