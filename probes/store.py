@@ -69,13 +69,15 @@ class RecordStore:
         at once on zarr's event loop; False (nothing written) when the store is not laid out as `ds`.
 
         What xarray's `to_zarr(append_dim=...)` writes for these variables (float32 values, int64
-        steps, no encoding), at ~1/10 of its cost: xarray opens, resizes and writes each array in its
-        own round trip to zarr's event loop, ≈ 0.2 s per append at ~50 variables whatever they
-        carry. Order: the data variables, then the `step` coordinate, then the consolidated metadata
-        that readers (xarray.open_zarr, the resume's truncate) take the shapes from. Until that last
-        write a reader sees the store as it was before this append; the chunks of steps already
+        steps, no encoding), at 1/1.6 to 1/2.3 of its CPU time (benchmarks/RESULTS.md): xarray opens,
+        resizes and writes each array in its own round trip to zarr's event loop, ≈ 0.2 s per append
+        at ~50 variables whatever they carry. Order: the data variables, then the `step` coordinate,
+        then the consolidated metadata that readers (xarray.open_zarr, the resume's truncate) take the
+        shapes from. Until that last write a reader sees the store as it was before this append; the chunks of steps already
         recorded are rewritten with their same values (a partly filled chunk), as xarray does."""
         group = await zarr_async.open_group(store=str(self.path), mode="r+")
+        if group.metadata.consolidated_metadata is None:
+            return False  # not written by this class: xarray's path
         arrays = {name: await group.getitem(name) for name in group.metadata.consolidated_metadata.metadata}
         names = [*ds.data_vars, "step"]
         on_step = {n for n, a in arrays.items() if "step" in (a.metadata.dimension_names or ())}
