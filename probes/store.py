@@ -73,8 +73,9 @@ class RecordStore:
         resizes and writes each array in its own round trip to zarr's event loop, ≈ 0.2 s per append
         at ~50 variables whatever they carry. Order: the data variables, then the `step` coordinate,
         then the consolidated metadata that readers (xarray.open_zarr, the resume's truncate) take the
-        shapes from. Until that last write a reader sees the store as it was before this append; the chunks of steps already
-        recorded are rewritten with their same values (a partly filled chunk), as xarray does."""
+        shapes from. Until that last write a reader sees the store as it was before this append; the
+        chunks of steps already recorded are rewritten with their same values (a partly filled chunk),
+        as xarray does."""
         group = await zarr_async.open_group(store=str(self.path), mode="r+")
         if group.metadata.consolidated_metadata is None:
             return False  # not written by this class: xarray's path
