@@ -9,8 +9,9 @@ each result is a time ratio ours / baseline, the median over repeats with its mi
   `benchmarks.reference.ReferenceLoop`, per parameterization; the headline is the worst one.
 - probe_step_vs_step: one training step with a probe step (the recorder's before_update and
   after_update: probe forward/backward, linearization, statistics, host transfer) against one plain
-  step. The recorder's zarr append is timed on its own, and shared over the probe steps that one
-  append carries in a run probing every k steps (`flush_every`, or fewer when `flush_seconds` pass first).
+  step. The recorder's zarr append is timed on its own (the store's creation, once per run, apart),
+  and shared over the probe steps that one append carries in a run probing every k steps
+  (`flush_every`, or fewer when `flush_seconds` pass first).
 - probe_overhead_k{k}: the amortized overhead of probing every k steps, 1 + (probe step / plain step
   − 1 + store-append share) / k, per interleaved repeat of the pair above. Cross-checks: the same run
   in windows of k steps with probes off or one probe step per window (`_windows`; at k = 100 the
@@ -227,13 +228,20 @@ def probe_costs(bench: BenchConfig, run_dir: Path) -> dict[str, Any]:
     }
     # Untimed warm-up: plain steps, then one probe step per recorder (torch.func's first call takes seconds).
     runner.run(bench.warmup_steps)
+    creates = []
     for k, rec in recorders.items():
         runner.align(k)
         trainer.observers = [rec]
         runner.run(1)
+        # The store's first write creates it (once per run, like the imports): timed apart, so that the
+        # appends timed below are the ones a run makes every `flush_every` probe steps.
+        t0 = time.perf_counter()
+        rec.flush()
+        creates.append(time.perf_counter() - t0)
     trainer.observers = []
     flushes = [_FlushTimer(rec.log) for rec in recorders.values()]  # the logs exist after a probe step
-    out: dict[str, Any] = {"probe_batch": bench.probe_batch, "lin_batch": bench.lin_batch or bench.probe_batch}
+    out: dict[str, Any] = {"probe_batch": bench.probe_batch, "lin_batch": bench.lin_batch or bench.probe_batch,
+                           "store_create_ms": 1e3 * summarize(creates)["median"]}
 
     def use(observers: list, k: int | None = None, label: str = "") -> Callable[[], None]:
         def setup() -> None:
@@ -386,7 +394,9 @@ def format_table(result: dict[str, Any]) -> str:
         for k in result["config"]["k_values"]:
             row(f"overhead k = {k}", costs[f"probe_overhead_k{k}"])
             lines.append(f"    store append {costs['store_append_ms']:.0f} ms, "
-                         f"{costs[f'store_append_ms_per_probe_step_k{k}']:.1f} ms per probe step")
+                         f"{costs[f'store_append_ms_per_probe_step_k{k}']:.1f} ms per probe step"
+                         + (f" (creating the store: {costs['store_create_ms']:.0f} ms once per run)"
+                            if "store_create_ms" in costs else ""))
             row("  cross-check: windows", costs[f"probe_overhead_k{k}_windows"])
             if f"plain_step_in_probed_run_vs_step_k{k}" in costs:
                 lines.append(f"    plain steps of the probed windows vs plain windows: "

@@ -109,7 +109,7 @@ probe_options = _stack([
                       "measured (no GPU lent); on a CPU 1.10x float32 (benchmarks/RESULTS.md)."),
     click.option("--probe-lin-batch", type=int, default=1, show_default=True,
                  help="Sequences of the probe batch used for the linearization error (0: all)."),
-    click.option("--probe-flush", type=int, default=32, show_default=True,
+    click.option("--probe-flush", type=int, default=64, show_default=True,
                  help="Probe steps buffered before each append to the store."),
     click.option("--probe-flush-seconds", type=float, default=60.0, show_default=True,
                  help="Append sooner once this many seconds have passed since the last append."),

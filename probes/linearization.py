@@ -96,7 +96,7 @@ def branch_linearization(
         return functional_call(branch, p, (inputs,))
 
     with torch.no_grad():
-        out, lin = jvp(f, (theta,), (delta,))
+        out, lin = parameter_jvp(branch, x, theta, delta)
         after = f({k: theta[k] + delta[k] for k in theta})
         nonlin = after - out - lin
         floor = torch.full((), math.nan, device=out.device)
@@ -109,6 +109,20 @@ def branch_linearization(
         nonlin_norm_raw=torch.linalg.vector_norm(nonlin),
         nonlin_floor=floor.to(out.dtype),
     )
+
+
+def parameter_jvp(module: nn.Module, h: torch.Tensor, params: dict[str, torch.Tensor],
+                  direction: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(module(h; params), J_θ module(h; params) · direction): forward-mode AD in the parameters only.
+
+    The input h is given an explicit tangent of zeros rather than none. Both are the same JVP (bitwise:
+    the zero terms add exact zeros), but with none, every op that mixes h's path with a tangent-carrying
+    parameter (the norm's gain and bias, the bias of a linear layer) represents h's missing tangent as a
+    lazy zero tensor, and PyTorch evaluates ops on those through Python meta kernels (≈ 0.15 ms each):
+    at the `--quick` benchmark shape that made a branch's JVP 1.8× (MLP) and 1.3× (attention) slower,
+    most of a probe step's linearization (benchmarks/RESULTS.md, "Small shapes, after").
+    """
+    return jvp(lambda p, x: functional_call(module, p, (x,)), (params, h), (direction, torch.zeros_like(h)))
 
 
 def finite_difference_jvp(

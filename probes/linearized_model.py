@@ -45,10 +45,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, jvp
+from torch.func import functional_call
 
 from probes.adapters import GPTAdapter, ModelAdapter
 from probes.hooks import capture
+from probes.linearization import parameter_jvp
 from probes.schema import BRANCHES, CONFIG_NAME, LINEARIZED_STORE_NAME
 from probes.store import RecordStore
 from trainer.distributed import full_parameters, probes_on_every_rank
@@ -104,7 +105,7 @@ class BlockLinearizedModel:
         module, _, local = self.branches[key]
         p0 = {k: self.theta0[g] for k, g in local.items()}
         dp = {k: self.theta_t[g] - self.theta0[g] for k, g in local.items()}
-        out, tangent = jvp(lambda p: functional_call(module, p, (h,)), (p0,), (dp,))
+        out, tangent = parameter_jvp(module, h, p0, dp)
         return out + tangent
 
     def frozen_branch(self, key: tuple[int, str], h: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,9 @@ def probe_attention_forward(
         key = key.repeat_interleave(repeats, dim=1)
         value = value.repeat_interleave(repeats, dim=1)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    logits = torch.matmul(query, key.transpose(2, 3)) * scale
+    # aten.mul.Scalar: `* scale` without a lazy zero tangent for the float under forward-mode AD (see the
+    # math path of trainer.model.CausalSelfAttention); the same kernel and numbers.
+    logits = torch.ops.aten.mul.Scalar(torch.matmul(query, key.transpose(2, 3)), scale)
     scores, allowed = logits, None
     if attention_mask is not None:
         mask = attention_mask[..., : key.shape[-2]]

@@ -43,7 +43,7 @@ from trainer.distributed import is_main_process
 # Defaults shared with `ProbeConfig` (the recorder's settings). Why these values: ProbeConfig's comments.
 LIN_BATCH_SIZE = 1  # probe sequences the linearization error is evaluated on
 FEATURE_BATCH_SIZE = 2  # probe sequences the feature change since θ_0 is evaluated on
-FLUSH_EVERY = 32  # probe steps per store append ...
+FLUSH_EVERY = 64  # probe steps per store append (one 64-step chunk per variable) ...
 FLUSH_SECONDS = 60.0  # ... or fewer, once this long has passed since the last append
 
 # Identity attributes that `analyses` reads to place a run in a sweep. A model built without µP or

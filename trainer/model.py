@@ -65,7 +65,10 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             t = x.shape[1]
-            logits = (q @ k.transpose(-2, -1)) * self.scale  # (b, h, t, t)
+            # (b, h, t, t). aten.mul.Scalar is `* self.scale` (the same kernel, the same numbers); under
+            # forward-mode AD (the probes' JVPs) `tensor * float` would give the float a lazy zero tangent,
+            # evaluated through Python meta kernels: 6x slower at small shapes (benchmarks/RESULTS.md).
+            logits = torch.ops.aten.mul.Scalar(q @ k.transpose(-2, -1), self.scale)
             causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
             logits = self.logits_hook(logits.masked_fill(~causal, float("-inf")))
             y = self.probs_hook(logits.softmax(dim=-1)) @ v

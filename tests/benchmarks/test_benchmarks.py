@@ -67,6 +67,7 @@ def test_cli_writes_every_headline_ratio(tmp_path, capsys):
     for k in (10, 100):
         assert details[f"store_append_ms_per_probe_step_k{k}"] <= details["store_append_ms"] + 1e-12
         assert _positive_finite(details[f"plain_step_in_probed_run_vs_step_k{k}"])
+    assert _positive_finite(details["store_create_ms"]) and _positive_finite(details["store_append_ms"])
     assert details["linearization_dtype"] == "float64"  # the CPU default is kept
     assert details["linearization_peak_mib"] > 0
 
