@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from trainer.errors import ConfigError
 
@@ -33,14 +33,6 @@ DIST_MODES = ("ddp", "fsdp")  # how several processes share one model (see the m
 
 
 # --- the process group -------------------------------------------------------------------------------
-def is_dtensor(t: Any) -> bool:
-    """Whether `t` is a DTensor (an FSDP2 shard). torch.distributed.tensor is looked up, not imported:
-    no tensor can be a DTensor before that module is loaded (fully_shard loads it), and importing it
-    costs every process ~0.7 s (sympy and the DTensor op tables), more than a small sweep's run trains."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
 def env_rank_world() -> tuple[int, int]:
     """(rank, world size) as torchrun announces them in the environment, before any process group."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -163,7 +155,7 @@ def wrap_model(model: nn.Module, mode: str, device: torch.device, world: int,
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether the parameters are DTensor shards (FSDP2) rather than whole tensors on every rank."""
-    return any(is_dtensor(p) for p in model.parameters())
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -173,12 +165,12 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Ten
     norm and the clipping factor are those of the whole model, identical on every rank.
     """
     params = [p for p in params if p.grad is not None]
-    if not any(is_dtensor(p.grad) for p in params):  # plain tensors: the loop's original code
+    if not any(isinstance(p.grad, DTensor) for p in params):  # plain tensors: the loop's original code
         if max_norm > 0:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
         return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if is_dtensor(norm):
+    if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
@@ -221,14 +213,14 @@ def probes_on_every_rank(model: nn.Module) -> bool:
 
 def local_part(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor; a plain tensor as it is."""
-    return t.to_local() if is_dtensor(t) else t
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def full_parameters(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Whole tensors for `params` (name → tensor): DTensor shards are all-gathered (a collective: every
     rank calls it with the same names), plain tensors pass through. Ask for one branch at a time, so
     that the extra memory is one branch's parameters."""
-    return {k: v.full_tensor() if is_dtensor(v) else v for k, v in params.items()}
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in params.items()}
 
 
 def squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -238,7 +230,7 @@ def squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     (the same on every rank) are counted once, not world times.
     """
     sq = torch.stack(torch._foreach_norm([local_part(t).float() for t in tensors])).pow(2)
-    sharded = [is_dtensor(t) for t in tensors]
+    sharded = [isinstance(t, DTensor) for t in tensors]
     if not any(sharded):
         return sq
     mask = torch.tensor(sharded, device=sq.device)
