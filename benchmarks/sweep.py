@@ -75,8 +75,9 @@ def diagnose(args: list[str], code: Path = REPO, threads: int = 1) -> tuple[floa
     """Run `python -m diagnose ARGS` with the toolkit at `code`; (wall s, CPU s of it and its children)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
+    # cwd=code: `python -m` puts the working directory first on sys.path, before PYTHONPATH.
     proc = subprocess.run([sys.executable, "-m", "diagnose", *args], env=_env(code, threads), capture_output=True,
-                          text=True)
+                          text=True, cwd=code)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"diagnose {' '.join(args[:2])} failed ({proc.returncode}): {proc.stderr[-2000:]}")
