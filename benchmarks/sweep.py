@@ -16,6 +16,11 @@ Everything runs the real command line (`python -m diagnose ...` in subprocesses)
   one by one in this (warmed-up) process and their CPU time (`run_cpu_s`) set against the CPU time of
   each side's processes together: `cpu_over_run_cpu`, `fixed_cpu_s_per_run`.
 - report: `diagnose report` on a sweep of `report_runs` tiny runs: wall and CPU time (target < 15 s).
+- timeline: each sweep's sweep_timeline.jsonl split into where wall × workers went beyond the runs' own
+  time (`timeline_breakdown`: start, per-run build / tail / handoff, idle at the end, exit).
+
+The last line printed holds exactly the two target ratios: the warm sweep's wall × workers / Σ own
+(≤ 1.15) and the balance sweep's wall / (Σ own / workers) (≤ 1.10).
 
 `baseline_code` (a checkout of another version of the toolkit, e.g. main) runs the warm sweep and the
 report with that version too, interleaved with ours, for before/after ratios in one process.

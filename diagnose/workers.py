@@ -9,7 +9,9 @@ the runs need (`preload`), so those imports are paid once per sweep, not once pe
 
 Fork safety: the sweep process only imports and reads files before it forks; it runs no torch
 operation (so no OpenMP thread pool exists to be inherited half-initialized) and starts no thread of
-its own, and each worker closes the pipes of the workers forked before it. Every run still builds its
+its own before the first workers are forked (a worker that replaces a dead one is forked beside the
+progress bar's monitor thread, whose lock no run takes); each worker closes the pipes of the workers
+forked before it. Every run still builds its
 own Trainer, seeds its own RNGs and writes its own run dir, so a run is the same in a warm worker as
 in a fresh process (tests/scaleout/test_sweep_workers.py checks it bit for bit).
 
