@@ -9,11 +9,11 @@ the runs need (`preload`), so those imports are paid once per sweep, not once pe
 
 Fork safety: the sweep process only imports and reads files before it forks; it runs no torch
 operation (so no OpenMP thread pool exists to be inherited half-initialized) and starts no thread of
-its own before the first workers are forked (a worker that replaces a dead one is forked beside the
-progress bar's monitor thread, whose lock no run takes); each worker closes the pipes of the workers
-forked before it. Every run still builds its
-own Trainer, seeds its own RNGs and writes its own run dir, so a run is the same in a warm worker as
-in a fresh process (tests/scaleout/test_sweep_workers.py checks it bit for bit).
+its own: workers are forked only while the process has no other Python thread (`fork_is_safe`; else
+they are spawned, e.g. a replacement started beside the progress bar's thread, or a sweep started
+inside a process that runs threads); each worker closes the pipes of the workers forked before it.
+Every run still builds its own Trainer, seeds its own RNGs and writes its own run dir, so a run is the
+same in a warm worker as in a fresh process (tests/scaleout/test_sweep_workers.py checks it bit for bit).
 
 Unlike `concurrent.futures.ProcessPoolExecutor`, whose pool breaks for good when one worker dies, a
 worker that is killed (out of memory, a segfault, `kill -9`) costs only the run it was executing:
@@ -87,10 +87,17 @@ def _serve(conn: Connection, fn: Callable[..., Any], parent: int, inherited: Seq
         conn.send(reply)
 
 
+def fork_is_safe() -> bool:
+    """On Linux, and with no Python thread but this one: a thread that holds a lock at the fork (a
+    logging, progress-bar or live-sink lock) leaves the worker's copy locked for good (seen: a sweep
+    started inside a test process whose W&B and TensorBoard sinks ran threads hung in its worker).
+    macOS's system libraries are not fork-safe; Windows has no fork."""
+    return sys.platform.startswith("linux") and threading.active_count() == 1
+
+
 def default_start_method() -> str:
-    """fork on Linux (workers start with the sweep's imports done), spawn elsewhere (macOS's system
-    libraries are not fork-safe, Windows has no fork)."""
-    return "fork" if sys.platform.startswith("linux") else "spawn"
+    """fork where `fork_is_safe` (workers start with the sweep's imports done), else spawn."""
+    return "fork" if fork_is_safe() else "spawn"
 
 
 @dataclass
@@ -127,18 +134,21 @@ class WarmPool:
                               **({"job": job} if job is not None else {})})
 
     def _start(self) -> _Worker:
-        if self._preload is not None:
+        # A worker that replaces a dead one after the progress bar's thread started is spawned.
+        fork = self.start_method == "fork" and fork_is_safe()
+        ctx = self._ctx if fork or self.start_method != "fork" else multiprocessing.get_context("spawn")
+        if fork and self._preload is not None:
             self._preload()
             self._preload = None
             self._mark("preloaded")
-        if self.start_method == "fork":
+        if fork:
             # Everything loaded so far lives as long as the processes: out of the garbage collector's
             # sight, the workers' full collections do not walk it again and again (torch._dynamo and
             # sympy are ~10⁶ objects), nor does the sweep's own exit (1.2 s of a loaded machine).
             gc.freeze()
-        parent, child = self._ctx.Pipe()
-        inherited = [w.conn for w in self._workers] if self.start_method == "fork" else []
-        process = self._ctx.Process(target=_serve, args=(child, self.fn, os.getpid(), inherited), daemon=True)
+        parent, child = ctx.Pipe()
+        inherited = [w.conn for w in self._workers] if fork else []
+        process = ctx.Process(target=_serve, args=(child, self.fn, os.getpid(), inherited), daemon=True)
         process.start()
         child.close()  # the parent keeps only its end: a dead worker then reads as EOF here
         worker = _Worker(process, parent)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from click.testing import CliRunner
 
 from diagnose.cli import main
 from diagnose.sweep import cpu_cores, pool_shape, run_cost, schedule
-from diagnose.workers import JobFailed, WarmPool
+from diagnose.workers import JobFailed, WarmPool, fork_is_safe
 from tests.scaleout._pool_jobs import fail_on_odd
 from tests.scaleout.conftest import env
 
@@ -32,12 +33,14 @@ def _train_lines(run_dir: Path) -> list[dict]:
 
 def test_second_run_of_a_warm_worker_is_bitwise_a_fresh_process_run(tmp_path):
     out = tmp_path / "sw"
-    # Longest first: the depth-3 run warms the worker, then the depth-2 run is its second run.
-    result = CliRunner().invoke(main, ["sweep", *TINY, "--steps", "6", "--depth", "3,2", "--workers", "1",
-                                       "--threads", "1", "--report", "--out", str(out)], catch_exceptions=False)
-    assert result.exit_code == 0 and "(2 finished, 0 diverged)" in result.output, result.output
+    # Longest first: the depth-3 run warms the worker, then the depth-2 run is its second run. The real
+    # command in its own process: its worker is forked from it (a test process runs threads: spawn).
+    result = subprocess.run([sys.executable, "-m", "diagnose", "sweep", *TINY, "--steps", "6", "--depth", "3,2",
+                             "--workers", "1", "--threads", "1", "--report", "--out", str(out)], env=env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "(2 finished, 0 diverged)" in result.stdout, result.stdout + result.stderr
     # --report: the sweep's report, as `diagnose report` writes it, without a second command.
-    assert f"2 run(s); report in {out / 'report'}" in result.output, result.output
+    assert f"2 run(s); report in {out / 'report'}" in result.stdout, result.stdout
     assert "## Runs" in (out / "report" / "summary.md").read_text()
     assert len(json.loads((out / "report" / "summary.json").read_text())["runs"]) == 2
     deep, warm = (next(out.glob(f"*_d{d}_*")) for d in (3, 2))
@@ -53,6 +56,7 @@ def test_second_run_of_a_warm_worker_is_bitwise_a_fresh_process_run(tmp_path):
         own = sum(4 * 16 / line["tokens_per_s"] for line in lines if "tokens_per_s" in line)
         assert phases["loop_end"] - phases["loop_start"] == pytest.approx(own, abs=0.02)
     assert len({e["worker"] for e in timeline if e["event"] == "loop_start"}) == 1
+    assert [e["event"] for e in timeline].count("preloaded") == 1  # forked from the preloaded sweep process
     fresh = tmp_path / "fresh"
     proc = subprocess.run([sys.executable, "-m", "diagnose", "run", *TINY, "--steps", "6", "--depth", "2",
                            "--no-report", "--quiet", "--out", str(fresh)], env=env(), capture_output=True,
@@ -117,6 +121,20 @@ def test_a_killed_worker_fails_its_run_the_sweep_goes_on_and_a_rerun_resumes_it(
     kept = (killed / "metrics.jsonl").read_text().splitlines()
     ckpt_lines = [line for line in before if json.loads(line)["step"] < 5]
     assert ckpt_lines and kept[:len(ckpt_lines)] == ckpt_lines
+
+
+def test_workers_are_spawned_not_forked_beside_another_thread():
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    try:
+        pool = WarmPool(fail_on_odd, 1)
+        assert pool.start_method == "spawn"
+        assert dict(pool.run([(2,)])) == {0: 20}
+    finally:
+        stop.set()
+        other.join()
+    assert not fork_is_safe() or threading.active_count() == 1
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
