@@ -16,6 +16,11 @@ Everything runs the real command line (`python -m diagnose ...` in subprocesses)
   one by one in this (warmed-up) process and their CPU time (`run_cpu_s`) set against the CPU time of
   each side's processes together: `cpu_over_run_cpu`, `fixed_cpu_s_per_run`.
 - report: `diagnose report` on a sweep of `report_runs` tiny runs: wall and CPU time (target < 15 s).
+- timeline: each sweep's sweep_timeline.jsonl split into where wall × workers went beyond the runs' own
+  time (`timeline_breakdown`: start, per-run build / tail / handoff, idle at the end, exit).
+
+The last line printed holds exactly the two target ratios: the warm sweep's wall × workers / Σ own
+(≤ 1.15) and the balance sweep's wall / (Σ own / workers) (≤ 1.10).
 
 `baseline_code` (a checkout of another version of the toolkit, e.g. main) runs the warm sweep and the
 report with that version too, interleaved with ours, for before/after ratios in one process.
@@ -38,6 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from diagnose.sweep import TIMELINE_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,8 +80,9 @@ def diagnose(args: list[str], code: Path = REPO, threads: int = 1) -> tuple[floa
     """Run `python -m diagnose ARGS` with the toolkit at `code`; (wall s, CPU s of it and its children)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
+    # cwd=code: `python -m` puts the working directory first on sys.path, before PYTHONPATH.
     proc = subprocess.run([sys.executable, "-m", "diagnose", *args], env=_env(code, threads), capture_output=True,
-                          text=True)
+                          text=True, cwd=code)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"diagnose {' '.join(args[:2])} failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -126,8 +134,51 @@ def _warm(cfg: SweepBenchConfig, out: Path, code: Path) -> dict[str, Any]:
     seeds = ",".join(str(s) for s in range(cfg.runs))
     args = ["sweep", *_shape(cfg), "--depth", str(cfg.depth), "--seed", seeds, "--workers", str(cfg.workers),
             "--threads", str(cfg.threads), "--out", str(out)]
+    launched = time.time()
     wall, cpu = diagnose(args, code, cfg.threads)
-    return {**_summary(wall, [own_seconds(d) for d in run_dirs(out)], cfg.workers), "cpu_s": cpu}
+    return {**_summary(wall, [own_seconds(d) for d in run_dirs(out)], cfg.workers), "cpu_s": cpu,
+            **timeline_breakdown(out / TIMELINE_NAME, launched, launched + wall)}
+
+
+def timeline_breakdown(path: Path, launched: float, exited: float) -> dict[str, Any]:
+    """Where a sweep's wall time × workers went, from its sweep_timeline.jsonl (`diagnose.sweep.write_timeline`;
+    {} when the sweep wrote none, e.g. an older checkout). Seconds, summed over workers unless `per_run`:
+
+    start: from launching the command to each worker's first training loop (interpreter, imports, the
+    grid, forking, the first Trainer); per_run (means over runs): build (job received → loop start),
+    tail (loop end → run done: final validation, final checkpoint, probe store), handoff (run done →
+    the worker's next job received: the result's way back and the next job's way out); idle: workers
+    waiting at the end for the last run; exit: the last run collected → the command's exit, per worker.
+    With own = Σ loop_end − loop_start (what metrics.jsonl times), wall × workers = own + start +
+    runs × (build + tail + handoff) + idle + exit, up to the workers' start offsets (`unaccounted`)."""
+    if not path.is_file():
+        return {}
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    t0 = next(e["unix"] for e in events if e["event"] == "sweep_start")
+    runs: dict[str, dict[str, Any]] = {}
+    for e in events:
+        if "run" in e:
+            runs.setdefault(e["run"], {})[e["event"]] = e["t"] + t0
+            if e["event"] == "sent":
+                runs[e["run"]]["worker"] = e["worker"]
+    done = [r for r in runs.values() if {"loop_start", "closed", "collected"} <= set(r)]
+    by_worker: dict[int, list[dict[str, Any]]] = {}
+    for r in sorted(done, key=lambda r: r["received"]):
+        by_worker.setdefault(r["worker"], []).append(r)
+    last = max(r["collected"] for r in done)
+    start = sum(rs[0]["loop_start"] - launched for rs in by_worker.values())
+    build = sum(r["loop_start"] - r["received"] for r in done) - sum(rs[0]["loop_start"] - rs[0]["received"]
+                                                                    for rs in by_worker.values())
+    tail = sum(r["closed"] - r["loop_end"] for r in done)
+    handoff = sum(b["received"] - a["closed"] for rs in by_worker.values() for a, b in zip(rs, rs[1:]))
+    handoff += sum(rs[-1]["collected"] - rs[-1]["closed"] for rs in by_worker.values())
+    idle = sum(last - rs[-1]["collected"] for rs in by_worker.values())
+    own = sum(r["loop_end"] - r["loop_start"] for r in done)
+    n, workers = len(done), len(by_worker)
+    accounted = own + start + build + tail + handoff + idle + (exited - last) * workers
+    return {"timeline": {"start_s": start, "build_s_per_run": build / n, "tail_s_per_run": tail / n,
+                         "handoff_s_per_run": handoff / n, "idle_s": idle, "exit_s": (exited - last) * workers,
+                         "own_s": own, "unaccounted_s": (exited - launched) * workers - accounted}}
 
 
 def run_cpu_seconds(run_dirs_: list[Path], out: Path, threads: int) -> list[float]:
@@ -157,19 +208,21 @@ def makespan(seconds: list[float], workers: int) -> float:
     return max(free)
 
 
-def _balance(cfg: SweepBenchConfig, out: Path) -> dict[str, Any]:
+def _balance(cfg: SweepBenchConfig, out: Path, code: Path = REPO) -> dict[str, Any]:
     depths = ",".join(str(d) for d in cfg.balance_depths)
     seeds = ",".join(str(s) for s in range(cfg.balance_seeds))
     args = ["sweep", *_shape(cfg), "--param", "alpha", "--alpha", "0.5,1", "--depth", depths, "--seed", seeds,
             "--workers", str(cfg.workers), "--threads", str(cfg.threads), "--out", str(out)]
-    wall, _ = diagnose(args, threads=cfg.threads)
+    launched = time.time()
+    wall, _ = diagnose(args, code, threads=cfg.threads)
     own = {d.name: own_seconds(d) for d in run_dirs(out)}  # in grid order (depth ascending within α)
     ideal = sum(own.values()) / cfg.workers
     grid = list(own.values())
     return {"wall_s": wall, "own_s": sum(grid), "runs": len(grid), "ideal_s": ideal, "wall_over_ideal": wall / ideal,
             "depths": list(cfg.balance_depths),
             "simulated_grid_order_over_ideal": makespan(grid, cfg.workers) / ideal,
-            "simulated_longest_first_over_ideal": makespan(sorted(grid, reverse=True), cfg.workers) / ideal}
+            "simulated_longest_first_over_ideal": makespan(sorted(grid, reverse=True), cfg.workers) / ideal,
+            **timeline_breakdown(out / TIMELINE_NAME, launched, launched + wall)}
 
 
 def _report_sweep(cfg: SweepBenchConfig, out: Path) -> None:
@@ -236,12 +289,27 @@ def format_sweep(result: dict[str, Any]) -> list[str]:
                          f"wall × workers / own {r['wall_over_own']:.3f}, fixed {r['fixed_s_per_run']:.2f} s/run; "
                          f"CPU {r['cpu_s']:.1f} s / runs' CPU {result['run_cpu_s']:.1f} s = "
                          f"{r['cpu_over_run_cpu']:.3f}, fixed {r['fixed_cpu_s_per_run']:.2f} CPU s/run")
+        if name in result and "timeline" in result[name]:
+            lines.append("      " + format_breakdown(result[name]["timeline"], result[name]["runs"]))
     b = result["balance"]
     lines.append(f"    balance (depths {b['depths']}): wall / (own / workers) {b['wall_over_ideal']:.3f}; "
                  f"simulated: grid order {b['simulated_grid_order_over_ideal']:.3f}, "
                  f"longest first {b['simulated_longest_first_over_ideal']:.3f}")
+    if "timeline" in b:
+        lines.append("      " + format_breakdown(b["timeline"], b["runs"]))
     rep = result["report"]
     lines.append(f"    report of {rep['runs']} runs: wall {rep['ours_wall_s']:.1f} s, cpu {rep['ours_cpu_s']:.1f} s"
                  + (f"; baseline wall {rep['baseline_wall_s']:.1f} s, cpu {rep['baseline_cpu_s']:.1f} s"
                     if "baseline_wall_s" in rep else ""))
+    lines.append(f"  TARGETS: warm sweep wall × workers / Σ own = {result['warm']['wall_over_own']:.3f} (≤ 1.15); "
+                 f"balance wall / (Σ own / workers) = {b['wall_over_ideal']:.3f} (≤ 1.10)")
     return lines
+
+
+def format_breakdown(t: dict[str, float], runs: int) -> str:
+    """One line: the wall × workers of a sweep beyond its runs' own time, by where it went."""
+    per_run = t["build_s_per_run"] + t["tail_s_per_run"] + t["handoff_s_per_run"]
+    return (f"beyond own {t['own_s']:.1f} s (worker-seconds): start {t['start_s']:.1f}, per run "
+            f"{per_run:.3f} × {runs} (build {t['build_s_per_run']:.3f}, tail {t['tail_s_per_run']:.3f}, handoff "
+            f"{t['handoff_s_per_run']:.3f}), idle at the end {t['idle_s']:.1f}, exit {t['exit_s']:.1f}, "
+            f"unaccounted {t['unaccounted_s']:.2f}")

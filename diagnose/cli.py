@@ -129,7 +129,7 @@ def execute_run(spec, probe_cfg, out: Path, resume: bool = False, quiet: bool = 
     trainer = Trainer(spec, out, observers=observers, extra_config=extra, quiet=quiet)
     trainer.extra_config["world_size"] = trainer.world  # config.json: how many processes trained it
     trainer.extra_config["torch_threads"] = torch.get_num_threads()  # ... and with how many CPU threads each
-    return trainer.run(resume=resume)
+    return {**trainer.run(resume=resume), "timeline": trainer.timeline}
 
 
 @main.command()

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import click
@@ -27,6 +28,7 @@ from diagnose.options import build_spec, probe_options, run_name, sweep_axis_opt
 
 EXECUTORS = ("local", "slurm", "debug")
 SWEEP_NAME = "sweep.json"
+TIMELINE_NAME = "sweep_timeline.jsonl"  # where a local sweep's time went (write_timeline)
 # --slurm-* option -> the submitit Slurm parameter it sets (for --slurm-opt clashes and error messages).
 SLURM_OPTIONS = {"slurm_partition": "partition", "slurm_time": "time", "slurm_gpus": "gpus_per_node",
                  "slurm_cpus": "cpus_per_task", "slurm_mem": "mem", "slurm_parallel": "array_parallelism",
@@ -88,6 +90,14 @@ def run_one(spec_dict: dict, probe_dict: dict | None, out: str, resume: bool, th
     `tasks` > 1: this is one of the run's data-parallel Slurm tasks (one per GPU); it joins the
     run's process group through submitit's job environment and only task 0 writes.
     """
+    out, outcome, _ = run_timed(spec_dict, probe_dict, out, resume, threads, tasks)
+    return out, outcome
+
+
+def run_timed(spec_dict: dict, probe_dict: dict | None, out: str, resume: bool, threads: int,
+              tasks: int = 1) -> tuple[str, str, dict[str, float]]:
+    """`run_one`, plus the run's phase times (`Trainer.timeline`; empty if it diverged): what a local
+    sweep's warm workers execute."""
     import torch
 
     from diagnose.cli import execute_run
@@ -103,10 +113,29 @@ def run_one(spec_dict: dict, probe_dict: dict | None, out: str, resume: bool, th
     probes = ProbeConfig(**probe_dict) if probe_dict else None
     try:
         with distributed("auto", spec.train.device):
-            execute_run(spec, probes, Path(out), resume=resume, quiet=True)
+            result = execute_run(spec, probes, Path(out), resume=resume, quiet=True)
     except NonFiniteLoss as err:
-        return out, f"diverged ({err})"
-    return out, "finished"
+        return out, f"diverged ({err})", {}
+    return out, "finished", result["timeline"]
+
+
+def preload_for_runs(specs: list[dict]) -> None:
+    """What every run of a local sweep needs, loaded once in the sweep process before its workers are
+    forked from it: the toolkit's modules and the libraries they import on first use (torch.func,
+    xarray, zarr), and the embedded corpus, parsed (~2.5 s in all, which each worker would otherwise
+    pay). Imports and file reads only: no torch operation runs here (see diagnose.workers, fork safety)."""
+    import torch._dynamo  # noqa: F401 - torch.optim's first optimizer imports it (with sympy): ~1.5 s
+    import torch.func  # noqa: F401 - the linearization's first call imports it
+    import xarray  # noqa: F401
+    import zarr  # noqa: F401
+
+    import diagnose.cli  # noqa: F401
+    import probes.linearized_model  # noqa: F401
+    import probes.recorder  # noqa: F401
+    from trainer.data import BUILTIN, builtin_tokens
+
+    if any(spec["data"]["source"] == BUILTIN for spec in specs):
+        builtin_tokens()
 
 
 def _parse_slurm_opts(pairs: tuple[str, ...]) -> dict[str, object]:
@@ -178,6 +207,7 @@ def sweep(ctx: click.Context, out: Path, workers: int | None, threads: int | Non
 
     Locally, warm worker processes run the runs longest first; on Slurm each run is an array task.
     """
+    started = time.time()
     from tqdm import tqdm
 
     from trainer.errors import ConfigError
@@ -247,7 +277,7 @@ def sweep(ctx: click.Context, out: Path, workers: int | None, threads: int | Non
                    f"{threads} thread{'s' if threads > 1 else ''} each"
                    + (f" (more than the {cpu_cores()} CPU cores: they will contend)"
                       if workers * threads > cpu_cores() else ""))
-        outcomes = _run_local(todo, workers, threads, tqdm)
+        outcomes = _run_local(todo, workers, threads, tqdm, out, started)
     else:
         jobs_ = submit(todo, out, executor, slurm_partition, slurm_time, slurm_gpus, slurm_cpus, slurm_mem,
                        slurm_parallel, slurm_params)
@@ -312,19 +342,48 @@ def pool_shape(runs: int, workers: int | None, threads: int | None) -> tuple[int
     return workers, threads
 
 
-def _run_local(todo: list[tuple], workers: int, threads: int, tqdm) -> list[tuple[str, str]]:
-    """Run `todo` in order on a pool of warm workers; a run that raised or whose worker died is 'failed (...)'."""
+def _run_local(todo: list[tuple], workers: int, threads: int, tqdm, out: Path,
+               started: float) -> list[tuple[str, str]]:
+    """Run `todo` in order on a pool of warm workers; a run that raised or whose worker died is 'failed (...)'.
+    Writes where the time went into <out>/sweep_timeline.jsonl (`write_timeline`)."""
     from diagnose.workers import JobFailed, WarmPool
 
-    outcomes = []
-    pool = WarmPool(run_one, workers)
-    with tqdm(total=len(todo), desc="runs", unit="run") as bar:
-        for index, result in pool.run([(*job, threads) for job in todo]):
-            if isinstance(result, JobFailed):
-                result = (todo[index][2], f"failed ({result.message})")
-            outcomes.append(tuple(result))
-            bar.update()
+    outcomes, phases = [], {}
+    pool = WarmPool(run_timed, workers, preload=lambda: preload_for_runs([job[0] for job in todo]))
+    pool.start(len(todo))  # before the progress bar's monitor thread exists (fork safety)
+    try:
+        with tqdm(total=len(todo), desc="runs", unit="run") as bar:
+            for index, result in pool.run([(*job, threads) for job in todo]):
+                if isinstance(result, JobFailed):
+                    result = (todo[index][2], f"failed ({result.message})", {})
+                outcomes.append(tuple(result[:2]))
+                phases[index] = result[2]
+                bar.update()
+    finally:
+        write_timeline(out / TIMELINE_NAME, started, pool.timeline, phases, [job[2] for job in todo])
     return outcomes
+
+
+def write_timeline(path: Path, started: float, pool_events: list[dict], phases: dict[int, dict[str, float]],
+                   run_dirs: list[str]) -> None:
+    """Append one sweep's timeline to `path`, one JSON object per line, times in s since the sweep
+    command started (`started`, time.time()): the pool's events (workers preloaded and started, each
+    job sent, received by its worker, returned and collected) and each run's phases from
+    `Trainer.timeline` (built, loop_start, loop_end, validated, saved, closed), with the run's name.
+    The sweep's own time per run is loop_end - loop_start; everything else is fixed cost."""
+    lines = [{"event": "sweep_start", "t": 0.0, "unix": started}]
+    for event in pool_events:
+        name = {"run": Path(run_dirs[event["job"]]).name} if "job" in event else {}
+        lines.append({**event, **name, "t": event["t"] - started})
+    worker_of = {e["job"]: e["worker"] for e in pool_events if e["event"] == "sent"}
+    for job, times in sorted(phases.items()):
+        for phase, t in times.items():
+            lines.append({"event": phase, "t": t - started, "worker": worker_of.get(job), "job": job,
+                          "run": Path(run_dirs[job]).name})
+    lines.append({"event": "sweep_end", "t": time.time() - started})
+    lines.sort(key=lambda line: line["t"])
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(line) + "\n" for line in lines))
 
 
 def submit(todo: list[tuple], out: Path, executor: str, partition: str | None, minutes: int, gpus: int,

@@ -62,7 +62,7 @@ class RecordStore:
             else:
                 # Chunk along step in blocks so that each append adds a chunk, not a file per step.
                 encoding = {name: {"chunks": (64,) + ds[name].shape[1:]} for name in ds.data_vars}
-                ds.to_zarr(self.path, mode="w-", encoding=encoding, consolidated=True, write_empty_chunks=True)
+                write_new(ds, self.path, encoding)
 
     async def _append_in_place(self, ds: xr.Dataset) -> bool:
         """Append `ds` by growing the store's arrays along `step` and writing the new rows, all arrays
@@ -125,3 +125,25 @@ class RecordStore:
         if tmp.exists():
             tmp.rename(self.path)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_new(ds: xr.Dataset, path: Path, encoding: dict[str, dict]) -> None:
+    """`ds.to_zarr(path, mode="w-", ...)`, byte for byte, in about half the CPU time: xarray writes into a
+    zarr MemoryStore and the files are then written in one go. Writing straight to a LocalStore costs
+    each of the ~60 arrays several hops between threads (zarr's event loop and its file-I/O pool) for
+    files of a few hundred bytes; a short run's whole store is one such first write (~0.3 s of CPU, a
+    tenth of a 20-step run). The store appears whole or not at all (written beside, then renamed)."""
+    import zarr
+
+    if path.exists():  # mode="w-": never replace a store
+        raise FileExistsError(f"{path} already exists")
+    files: dict = {}
+    ds.to_zarr(zarr.storage.MemoryStore(files), mode="w-", encoding=encoding, consolidated=True,
+               write_empty_chunks=True)
+    tmp = path.with_name(path.name + ".new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for key, buffer in files.items():
+        target = tmp / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(buffer.to_bytes())
+    tmp.rename(path)

