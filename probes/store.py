@@ -60,9 +60,7 @@ class RecordStore:
                 if not zarr_sync(self._append_in_place(ds)):
                     ds.to_zarr(self.path, append_dim="step", consolidated=True, write_empty_chunks=True)
             else:
-                # Chunk along step in blocks so that each append adds a chunk, not a file per step.
-                encoding = {name: {"chunks": (64,) + ds[name].shape[1:]} for name in ds.data_vars}
-                write_new(ds, self.path, encoding)
+                write_new(ds, self.path, step_chunks(ds))
 
     async def _append_in_place(self, ds: xr.Dataset) -> bool:
         """Append `ds` by growing the store's arrays along `step` and writing the new rows, all arrays
@@ -117,14 +115,19 @@ class RecordStore:
                 warnings.simplefilter("ignore", category=FutureWarning)
                 for var in kept.variables.values():
                     var.encoding = {}
-                encoding = {name: {"chunks": (64,) + kept[name].shape[1:]} for name in kept.data_vars}
-                kept.to_zarr(tmp, mode="w-", encoding=encoding, consolidated=True, write_empty_chunks=True)
+                write_new(kept, tmp, step_chunks(kept))
         old = self.path.with_name(self.path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         self.path.rename(old)
         if tmp.exists():
             tmp.rename(self.path)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def step_chunks(ds: xr.Dataset) -> dict[str, dict]:
+    """The store's encoding: every variable chunked along step in blocks of 64, so that an append adds
+    a chunk, not a file per step."""
+    return {name: {"chunks": (64,) + ds[name].shape[1:]} for name in ds.data_vars}
 
 
 def write_new(ds: xr.Dataset, path: Path, encoding: dict[str, dict]) -> None:
