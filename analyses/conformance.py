@@ -179,8 +179,12 @@ def conformance(ds: xr.Dataset, quantities: Iterable[str] | None = None, n_boot:
     for name in quantities or QUANTITIES:
         q = QUANTITIES[name]
         table = linearized_table(ds) if q.variable == "linearized_share" else quantity_table(ds, q)
+        # Fits the step window left without data (1 − CKA): the same table on every step names them.
+        every_step = (quantity_table(ds, dataclasses.replace(q, max_feature_change=None))
+                      if q.max_feature_change is not None else None)
         for axis in varied:
-            rows += _outside_regime(ds, q, table, axis)
+            if every_step is not None:
+                rows += _outside_regime(q, every_step, table, axis)
             if table.empty or table[axis].nunique() < 2:
                 continue
             for _, fit in _slopes(table, axis, n_boot, seed).iterrows():
@@ -200,11 +204,9 @@ def conformance(ds: xr.Dataset, quantities: Iterable[str] | None = None, n_boot:
     return sort_by_param(out, "axis") if not out.empty else out
 
 
-def _outside_regime(ds: xr.Dataset, q: Quantity, table: pd.DataFrame, axis: str) -> list[dict]:
-    """Inconclusive rows for the fits that `max_feature_change` left without a probe step."""
-    if q.max_feature_change is None:
-        return []
-    every_step = quantity_table(ds, dataclasses.replace(q, max_feature_change=None))
+def _outside_regime(q: Quantity, every_step: pd.DataFrame, table: pd.DataFrame, axis: str) -> list[dict]:
+    """Inconclusive rows for the fits that `q.max_feature_change` left without a probe step: those in
+    `every_step` (the quantity on every step) with no run in `table` (the windowed one)."""
     fitted = set(zip(table["param"], table["branch"]))
     rows = []
     for (label, branch), group in every_step.groupby(["param", "branch"], sort=False):
