@@ -136,7 +136,7 @@ class WarmPool:
     def _start(self) -> _Worker:
         # A worker that replaces a dead one after the progress bar's thread started is spawned.
         fork = self.start_method == "fork" and fork_is_safe()
-        ctx = self._ctx if fork or self.start_method != "fork" else multiprocessing.get_context("spawn")
+        ctx = multiprocessing.get_context("spawn") if self.start_method == "fork" and not fork else self._ctx
         if fork and self._preload is not None:
             self._preload()
             self._preload = None

@@ -21,13 +21,19 @@ def gpt():
     return model.double()
 
 
+def _branch_problem(gpt, layer: int, branch_name: str, seed: int):
+    """(branch, its parameters, a random direction of relative size 1e-2, a random float64 input)."""
+    branch = getattr(gpt.blocks[layer], branch_name)
+    params = {k: v.detach() for k, v in branch.named_parameters()}
+    direction = {k: v - params[k] for k, v in _perturbed(params, 1e-2, seed=seed).items()}
+    h = torch.randn(2, 16, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    return branch, params, direction, h
+
+
 @pytest.mark.parametrize("branch_name", ["attn_branch", "mlp_branch"])
 def test_jvp_matches_central_finite_difference(gpt, branch_name):
     # J·v by forward-mode AD must equal (F(θ+εv) − F(θ−εv)) / 2ε up to the O(ε²) truncation error.
-    branch = getattr(gpt.blocks[1], branch_name)
-    params = {k: v.detach() for k, v in branch.named_parameters()}
-    direction = {k: v - params[k] for k, v in _perturbed(params, 1e-2, seed=1).items()}
-    h = torch.randn(2, 16, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    branch, params, direction, h = _branch_problem(gpt, 1, branch_name, seed=1)
     with gpt.attention_backend("math"):
         _, jvp_out = torch.func.jvp(lambda p: torch.func.functional_call(branch, p, (h,)), (params,), (direction,))
         fd = finite_difference_jvp(branch, h, params, direction, step=1e-5)
@@ -35,16 +41,12 @@ def test_jvp_matches_central_finite_difference(gpt, branch_name):
     assert rel < 1e-6, rel
 
 
-
 @pytest.mark.parametrize("branch_name", ["attn_branch", "mlp_branch"])
 def test_parameter_jvp_is_the_jvp_in_the_parameters_only(gpt, branch_name):
     # parameter_jvp gives h an explicit zero tangent (for speed): the output must be the branch's own
     # output, the tangent the same as torch.func.jvp with h held constant (to float64 round-off) and as a
     # central finite difference of the branch module.
-    branch = getattr(gpt.blocks[0], branch_name)
-    params = {k: v.detach() for k, v in branch.named_parameters()}
-    direction = {k: v - params[k] for k, v in _perturbed(params, 1e-2, seed=3).items()}
-    h = torch.randn(2, 16, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    branch, params, direction, h = _branch_problem(gpt, 0, branch_name, seed=3)
     with gpt.attention_backend("math"), torch.no_grad():
         out, tangent = parameter_jvp(branch, h, params, direction)
         out_ref, tangent_ref = torch.func.jvp(lambda p: torch.func.functional_call(branch, p, (h,)),
@@ -54,6 +56,7 @@ def test_parameter_jvp_is_the_jvp_in_the_parameters_only(gpt, branch_name):
     assert torch.allclose(out, own, rtol=1e-12, atol=0)
     assert (tangent - tangent_ref).norm() / tangent_ref.norm() < 1e-12
     assert (tangent - fd).norm() / tangent.norm() < 1e-6
+
 
 def test_branch_linear_in_its_parameters_has_roundoff_nonlinearity():
     # y = W x + b is linear in (W, b): F(θ+Δθ) − F(θ) − JΔθ is zero up to float64 round-off.
