@@ -120,7 +120,7 @@ def run(bench: BenchConfig, steps: int) -> dict[str, Any]:
             "probe_step_in_steps": statistics.median(probe) / step_s,
             "parts_ms": {k: 1e3 * v for k, v in parts.items()},
             "parts_in_steps": {k: v / step_s for k, v in parts.items()},
-            "ops": ops, "top_ops": {k: c.most_common(8) for k, c in counter.counts.items()}}
+            "ops": ops, "top_ops": {k: c.most_common(14) for k, c in counter.counts.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ from probes.adapters import ModelAdapter
 from probes.feature_change import FeatureChange
 from probes.health import HEADS_KEY, health_statistics, internal_sites, internal_statistics
 from probes.hooks import capture
-from probes.linearization import LinearizationResult, branch_linearization
+from probes.linearization import LinearizationResult, branch_linearization, result_table
 from probes.schema import BRANCHES, SITES
 from probes.statistics import USER_STATISTICS, ProbeContext, builtin_statistics
 from trainer.distributed import full_parameters, my_share, probes_on_every_rank, sum_across_ranks
@@ -118,9 +118,9 @@ class ProbeSession:
             values.update(health_statistics(ctx, full=self._full_health(step)))
         values["probe_loss"] = pending["loss"].float()
         # The round-off guard of a float32 linearization (NaN floor and 0 in float64).
-        table = [[lin[(layer, b)] for b in BRANCHES] for layer in range(self.adapter.depth)]
-        values["nonlin_floor"] = torch.stack([torch.stack([r.nonlin_floor for r in row]) for row in table]).float()
-        values["lin_below_floor"] = torch.stack([torch.stack([r.below_floor for r in row]) for row in table]).float()
+        table = result_table(lin, self.adapter.depth, BRANCHES)
+        values["nonlin_floor"] = table.nonlin_floor.float()
+        values["lin_below_floor"] = table.below_floor.float()
         if self.features.theta0 is None:  # the first probe step's θ_t is the reference θ_0
             self.features.set_reference(pending["before"])
         values.update({k: v.float() for k, v in self.features.measure(acts, pending["before"]).items()})

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from probes.linearization import LinearizationResult
+from probes.linearization import LinearizationResult, result_table
 from probes.schema import BLOCK_ROLES, BRANCHES, EMBED_SITE, FINAL_SITE, GLOBAL_ROLES, SITES
 from trainer.distributed import squared_norms
 
@@ -146,12 +146,9 @@ def builtin_statistics(ctx: ProbeContext) -> dict[str, torch.Tensor]:
         "delta0_rms": delta0_rms,
         "delta_prev_rms": _delta_rms(ctx, table, ctx.prev)[0],
     }
-    lin = [[ctx.linearization[(l, b)] for b in BRANCHES] for l in range(L)]
-    out["branch_norm"] = torch.stack([torch.stack([r.branch_norm for r in row]) for row in lin]).float()
-    out["lin_norm"] = torch.stack([torch.stack([r.lin_norm for r in row]) for row in lin]).float()
-    out["nonlin_norm"] = torch.stack([torch.stack([r.nonlin_norm for r in row]) for row in lin]).float()
-    out["lin_ratio"] = torch.stack([torch.stack([r.lin_ratio for r in row]) for row in lin]).float()
-    out["nonlin_to_output"] = torch.stack([torch.stack([r.nonlin_to_output for r in row]) for row in lin]).float()
+    lin = result_table(ctx.linearization, L, BRANCHES)  # (layer, branch) tensors
+    for name in ("branch_norm", "lin_norm", "nonlin_norm", "lin_ratio", "nonlin_to_output"):
+        out[name] = getattr(lin, name).float()
     column = SITES.index
     out["branch_to_stream"] = torch.stack(
         [act_rms[:, column(f"{b}_add")] / act_rms[:, column(ctx.branch_inputs[b])] for b in BRANCHES], dim=1)

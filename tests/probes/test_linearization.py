@@ -174,3 +174,29 @@ def test_branch_linearization_is_bitwise_its_per_tensor_formula(gpt):
     assert torch.equal(result.branch_norm, out.norm())
     assert torch.equal(result.lin_norm, lin.norm())
     assert torch.equal(result.nonlin_norm_raw, (moved - out - lin).norm())
+
+
+class TiedPair(nn.Module):
+    """Two names for one weight (as a tied embedding and head): F(x) = W (W x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(8, 8, bias=False, dtype=torch.float64)
+        self.second = nn.Linear(8, 8, bias=False, dtype=torch.float64)
+        self.second.weight = self.first.weight
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_call_with_resolves_ties_only_where_a_module_has_them(gpt):
+    from probes.linearization import call_with, ties_tensors
+
+    tied = TiedPair()
+    w = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    x = torch.randn(3, 8, dtype=torch.float64)
+    assert ties_tensors(tied) and not ties_tensors(gpt.blocks[0].mlp_branch)
+    # one value given under one name reaches both uses of the tied weight: W (W x), as functional_call
+    assert torch.equal(call_with(tied, {"first.weight": w}, x), x @ w.T @ w.T)
+    branch, params, _, h = _branch_problem(gpt, 0, "mlp_branch", seed=11)
+    assert torch.equal(call_with(branch, params, h), torch.func.functional_call(branch, params, (h,)))

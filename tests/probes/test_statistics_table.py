@@ -1,4 +1,4 @@
-"""The built-in statistics computed over stacked tables equal their per-site formulas.
+"""The built-in statistics computed over stacked tables equal their per-site (per-result) formulas.
 
 `builtin_statistics` reduces every (layer, site) of one probe step in one op per table (for speed at
 small shapes). Here the same statistics are recomputed one site at a time, as the probes did before,
@@ -106,6 +106,9 @@ def _per_site(ctx: ProbeContext) -> dict[str, torch.Tensor]:
         (sum((acts[(l, s)] - ref0[(l, s)]).float() for s in ("attn_add", "mlp_add")) * final_delta).sum() / denom
         for l in range(L)])
     out["grad_rms"] = torch.stack([_rms(g) for g in ctx.grads])
+    for name in ("branch_norm", "lin_norm", "nonlin_norm", "lin_ratio", "nonlin_to_output"):
+        out[name] = torch.stack([torch.stack([getattr(ctx.linearization[(l, b)], name) for b in BRANCHES])
+                                 for l in range(L)]).float()
     return out
 
 
