@@ -76,28 +76,14 @@ def rms(x: torch.Tensor) -> torch.Tensor:
     return x.float().pow(2).mean().sqrt()
 
 
-def stream_table(sites: dict[tuple[int, str], torch.Tensor], depth: int) -> torch.Tensor:
-    """Every block's stream sites in one float32 tensor (depth, |SITES|, *site shape), in schema order.
-
-    The per-site statistics then run as one op per table instead of one per site: at small shapes a
-    probe step is bound by op dispatch, not arithmetic (benchmarks/RESULTS.md, "Small shapes, round 2").
-    A row reduction over the table equals the reduction of that site alone (tests/probes/test_statistics_table.py).
-    """
-    table = torch.stack([sites[(layer, site)] for layer in range(depth) for site in SITES]).float()
-    return table.unflatten(0, (depth, len(SITES)))
-
-
-def rms_rows(table: torch.Tensor, lead: int = 2) -> torch.Tensor:
-    """`rms` of each entry of the first `lead` dims of `table`: a (*table.shape[:lead]) tensor."""
-    return table.pow(2).mean(dim=tuple(range(lead, table.dim()))).sqrt()
-
-
-def _delta_rms(ctx: ProbeContext, table: torch.Tensor, ref: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(RMS of h − ref per (layer, site), the difference table h − ref); NaN and None without a ref."""
+def _delta_rms(ctx: ProbeContext, ref: dict | None) -> torch.Tensor:
     if ref is None:
-        return torch.full((ctx.depth, len(SITES)), float("nan"), device=ctx.probe_loss.device), None
-    delta = table - stream_table(ref, ctx.depth)
-    return rms_rows(delta), delta
+        return torch.full((ctx.depth, len(SITES)), float("nan"), device=ctx.probe_loss.device)
+    return torch.stack([torch.stack([rms(ctx.acts[(l, s)] - ref[(l, s)]) for s in SITES]) for l in range(ctx.depth)])
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
 
 
 def _update_norms(ctx: ProbeContext) -> dict[str, torch.Tensor]:
@@ -138,30 +124,30 @@ def _update_norms(ctx: ProbeContext) -> dict[str, torch.Tensor]:
 def builtin_statistics(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     """Every variable of probes.schema except the losses and effective LRs (the recorder adds those)."""
     L, acts, ref0 = ctx.depth, ctx.acts, ctx.ref0
-    table = stream_table(acts, L)  # (layer, site, ...)
-    act_rms = rms_rows(table)
-    delta0_rms, delta0 = _delta_rms(ctx, table, ref0)
     out: dict[str, torch.Tensor] = {
-        "act_rms": act_rms,
-        "delta0_rms": delta0_rms,
-        "delta_prev_rms": _delta_rms(ctx, table, ctx.prev)[0],
+        "act_rms": torch.stack([torch.stack([rms(acts[(l, s)]) for s in SITES]) for l in range(L)]),
+        "delta0_rms": _delta_rms(ctx, ref0),
+        "delta_prev_rms": _delta_rms(ctx, ctx.prev),
     }
-    lin = result_table(ctx.linearization, L, BRANCHES)  # (layer, branch) tensors
+    lin = result_table(ctx.linearization, L, BRANCHES)  # (layer, branch) tensors, one stack
     for name in ("branch_norm", "lin_norm", "nonlin_norm", "lin_ratio", "nonlin_to_output"):
         out[name] = getattr(lin, name).float()
-    column = SITES.index
-    out["branch_to_stream"] = torch.stack(
-        [act_rms[:, column(f"{b}_add")] / act_rms[:, column(ctx.branch_inputs[b])] for b in BRANCHES], dim=1)
-    out["stream_cosine"] = torch.nn.functional.cosine_similarity(
-        table[:, column("resid_pre")], table[:, column("resid_post")], dim=-1).flatten(1).mean(1)
+    # RMS(branch addition) / RMS(branch input): the entries of act_rms (the same RMS of the same tensors).
+    adds = [SITES.index(f"{b}_add") for b in BRANCHES]
+    inputs = [SITES.index(ctx.branch_inputs[b]) for b in BRANCHES]
+    out["branch_to_stream"] = out["act_rms"][:, adds] / out["act_rms"][:, inputs]
+    out["stream_cosine"] = torch.stack([_cosine(acts[(l, "resid_pre")], acts[(l, "resid_post")]) for l in range(L)])
     # Each layer's share of the change of the final stream since step 0 (projection onto Δh_final).
     final_delta = (acts[(-1, FINAL_SITE)] - ref0[(-1, FINAL_SITE)]).float()
     denom = final_delta.pow(2).sum()
-    layer_delta = delta0[:, column("attn_add")] + delta0[:, column("mlp_add")]  # (layer, ...)
-    out["final_update_share"] = (layer_delta * final_delta).flatten(1).sum(1) / denom
+    shares = []
+    for l in range(L):
+        layer_delta = sum((acts[(l, s)] - ref0[(l, s)]).float() for s in ("attn_add", "mlp_add"))
+        shares.append((layer_delta * final_delta).sum() / denom)
+    out["final_update_share"] = torch.stack(shares)
     embed_delta = (acts[(-1, EMBED_SITE)] - ref0[(-1, EMBED_SITE)]).float()
     out["embed_update_share"] = (embed_delta * final_delta).sum() / denom
-    out["grad_rms"] = rms_rows(torch.stack(ctx.grads).float(), lead=1)
+    out["grad_rms"] = torch.stack([rms(g) for g in ctx.grads])
     final = acts[(-1, FINAL_SITE)].float()
     out["final_rms"] = rms(final)
     out["final_abs_mean"] = final.abs().mean()
