@@ -56,6 +56,7 @@ class ProbeSession:
         self.layers = {n: adapter.layer_of(n) for n in self.roles}
         self._global_names = {id(p): n for n, p in adapter.model.named_parameters()}
         self._branches: list[tuple[tuple[int, str], torch.nn.Module, str, dict[str, str]]] | None = None
+        self._sharded, self._mine = False, set()  # set with _branches (the model's sharding, this rank's branches)
         self._pending: dict[str, Any] | None = None
         self.features = FeatureChange(adapter, feature_batch_size)  # keeps θ_0 of the blocks
         # Sharded parameters: the most bytes of whole (gathered) parameters held at once by the
@@ -143,17 +144,18 @@ class ProbeSession:
         float64 by default (see benchmarks/RESULTS.md); in float32 also one float64 F(θ) for the
         round-off floor (probes/linearization.py).
         """
-        if self._branches is None:  # branch modules and their parameter names never change
+        model = self.adapter.model
+        if self._branches is None:  # branch modules, their parameter names and the sharding never change
             self._branches = []
             for layer in range(self.adapter.depth):
                 for name in BRANCHES:
                     branch, input_site = self.adapter.branch(layer, name)
                     self._branches.append(((layer, name), branch, input_site, self._local_names(branch)))
+            self._sharded = probes_on_every_rank(model)
+            # Split by cost (∝ the branch's parameter count) so that MLP branches do not pile up on one rank.
+            self._mine = my_share([sum(p.numel() for p in b.parameters()) for _, b, _, _ in self._branches], model)
         lin = {}
-        model = self.adapter.model
-        sharded = probes_on_every_rank(model)
-        # Split by cost (∝ the branch's parameter count) so that MLP branches do not pile up on one rank.
-        mine = my_share([sum(p.numel() for p in b.parameters()) for _, b, _, _ in self._branches], model)
+        sharded, mine = self._sharded, self._mine
         with self.adapter.linearizable():
             for i, (key, branch, input_site, local) in enumerate(self._branches):
                 # Whole tensors of this branch only (sharded: an all-gather every rank takes part in).
