@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,16 +74,36 @@ class PartTimer:
         return timed
 
 
-def instrument(session: Any, timer: PartTimer) -> None:
+@contextlib.contextmanager
+def instrumented(session: Any, timer: PartTimer) -> Iterator[None]:
+    """The session's parts wrapped by `timer` inside the block (the module-level functions restored after)."""
     session.before_update = timer.wrap("before_update", session.before_update)
     session.linearization = timer.wrap("linearization", session.linearization)
     session.features.measure = timer.wrap("feature_change", session.features.measure)
-    session_module.builtin_statistics = timer.wrap("builtin_statistics", session_module.builtin_statistics)
-    session_module.health_statistics = timer.wrap("health_statistics", session_module.health_statistics)
+    saved = {name: getattr(session_module, name) for name in ("builtin_statistics", "health_statistics")}
+    try:
+        for name, fn in saved.items():
+            setattr(session_module, name, timer.wrap(name, fn))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(session_module, name, fn)
+        for name in ("before_update", "linearization"):
+            delattr(session, name)  # the instance attributes shadowed the class's methods
+        del session.features.measure
 
 
 def run(bench: BenchConfig, steps: int) -> dict[str, Any]:
+    """Per-part CPU ms (median over `steps` probe steps), in plain steps, and op counts of one probe step."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(max(bench.threads, 1))
+    try:
+        return _run(bench, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(bench: BenchConfig, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(bench, bench.probe_param, Path(tmp) / "run")
         runner = TrainerRunner(trainer)
@@ -93,23 +114,23 @@ def run(bench: BenchConfig, steps: int) -> dict[str, Any]:
         trainer.observers = [rec]
         runner.run(2)  # the first probe steps set up the session and torch.func
         timer = PartTimer()
-        instrument(rec.session, timer)
-        plain, probe = [], []
-        for _ in range(steps):
-            for observers, out in (([], plain), ([rec], probe)):
-                trainer.observers = observers
-                c0 = time.process_time()
+        with instrumented(rec.session, timer):
+            plain, probe = [], []
+            for _ in range(steps):
+                for observers, out in (([], plain), ([rec], probe)):
+                    trainer.observers = observers
+                    c0 = time.process_time()
+                    runner.run(1)
+                    out.append(time.process_time() - c0)
+            counter = OpCounter()
+            timer.counter = counter
+            with counter:
+                trainer.observers = []
+                counter.part = "plain_step"
                 runner.run(1)
-                out.append(time.process_time() - c0)
-        counter = OpCounter()
-        timer.counter = counter
-        with counter:
-            trainer.observers = []
-            counter.part = "plain_step"
-            runner.run(1)
-            trainer.observers = [rec]
-            counter.part = "probe_step_rest"
-            runner.run(1)
+                trainer.observers = [rec]
+                counter.part = "probe_step_rest"
+                runner.run(1)
         trainer.observers = []
         rec.close()
     step_s = statistics.median(plain)
