@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from probes.adapters import ModelAdapter
 from probes.hooks import capture
+from probes.linearization import call_with
 from probes.schema import BRANCHES
 from trainer.distributed import full_parameters
 
@@ -130,7 +130,7 @@ class FeatureChange:
     def _features(module: nn.Module, h: torch.Tensor, params: dict[str, torch.Tensor],
                   sites: dict) -> dict[str, torch.Tensor]:
         with capture(sites) as store:
-            functional_call(module, params, (h,))
+            call_with(module, params, h)
         return dict(store)
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -28,7 +28,7 @@ from probes.adapters import ModelAdapter
 from probes.feature_change import FeatureChange
 from probes.health import HEADS_KEY, health_statistics, internal_sites, internal_statistics
 from probes.hooks import capture
-from probes.linearization import LinearizationResult, branch_linearization
+from probes.linearization import LinearizationResult, branch_linearization, result_table
 from probes.schema import BRANCHES, SITES
 from probes.statistics import USER_STATISTICS, ProbeContext, builtin_statistics
 from trainer.distributed import full_parameters, my_share, probes_on_every_rank, sum_across_ranks
@@ -56,6 +56,7 @@ class ProbeSession:
         self.layers = {n: adapter.layer_of(n) for n in self.roles}
         self._global_names = {id(p): n for n, p in adapter.model.named_parameters()}
         self._branches: list[tuple[tuple[int, str], torch.nn.Module, str, dict[str, str]]] | None = None
+        self._sharded, self._mine = False, set()  # set with _branches (the model's sharding, this rank's branches)
         self._pending: dict[str, Any] | None = None
         self.features = FeatureChange(adapter, feature_batch_size)  # keeps θ_0 of the blocks
         # Sharded parameters: the most bytes of whole (gathered) parameters held at once by the
@@ -118,9 +119,9 @@ class ProbeSession:
             values.update(health_statistics(ctx, full=self._full_health(step)))
         values["probe_loss"] = pending["loss"].float()
         # The round-off guard of a float32 linearization (NaN floor and 0 in float64).
-        table = [[lin[(layer, b)] for b in BRANCHES] for layer in range(self.adapter.depth)]
-        values["nonlin_floor"] = torch.stack([torch.stack([r.nonlin_floor for r in row]) for row in table]).float()
-        values["lin_below_floor"] = torch.stack([torch.stack([r.below_floor for r in row]) for row in table]).float()
+        table = result_table(lin, self.adapter.depth, BRANCHES)
+        values["nonlin_floor"] = table.nonlin_floor.float()
+        values["lin_below_floor"] = table.below_floor.float()
         if self.features.theta0 is None:  # the first probe step's θ_t is the reference θ_0
             self.features.set_reference(pending["before"])
         values.update({k: v.float() for k, v in self.features.measure(acts, pending["before"]).items()})
@@ -143,17 +144,18 @@ class ProbeSession:
         float64 by default (see benchmarks/RESULTS.md); in float32 also one float64 F(θ) for the
         round-off floor (probes/linearization.py).
         """
-        if self._branches is None:  # branch modules and their parameter names never change
+        model = self.adapter.model
+        if self._branches is None:  # branch modules, their parameter names and the sharding never change
             self._branches = []
             for layer in range(self.adapter.depth):
                 for name in BRANCHES:
                     branch, input_site = self.adapter.branch(layer, name)
                     self._branches.append(((layer, name), branch, input_site, self._local_names(branch)))
+            self._sharded = probes_on_every_rank(model)
+            # Split by cost (∝ the branch's parameter count) so that MLP branches do not pile up on one rank.
+            self._mine = my_share([sum(p.numel() for p in b.parameters()) for _, b, _, _ in self._branches], model)
         lin = {}
-        model = self.adapter.model
-        sharded = probes_on_every_rank(model)
-        # Split by cost (∝ the branch's parameter count) so that MLP branches do not pile up on one rank.
-        mine = my_share([sum(p.numel() for p in b.parameters()) for _, b, _, _ in self._branches], model)
+        sharded, mine = self._sharded, self._mine
         with self.adapter.linearizable():
             for i, (key, branch, input_site, local) in enumerate(self._branches):
                 # Whole tensors of this branch only (sharded: an all-gather every rank takes part in).

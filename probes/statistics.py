@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from probes.linearization import LinearizationResult
+from probes.linearization import LinearizationResult, result_table
 from probes.schema import BLOCK_ROLES, BRANCHES, EMBED_SITE, FINAL_SITE, GLOBAL_ROLES, SITES
 from trainer.distributed import squared_norms
 
@@ -90,9 +90,9 @@ def _update_norms(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     """‖ΔW‖/‖W‖ and RMS(ΔW) per (layer, block role) and per global role, from squared norms."""
     names = list(ctx.params_before)
     before = [ctx.params_before[n].float() for n in names]
-    delta = [ctx.params_after[n].float() - b for n, b in zip(names, before)]
+    delta = torch._foreach_sub([ctx.params_after[n].float() for n in names], before)  # one call, same kernel
     # Σx² per tensor; FSDP2 shards (DTensors) add up across ranks in one all-reduce.
-    d2, w2 = squared_norms(delta + before).split(len(names))
+    d2, w2 = squared_norms([*delta, *before]).split(len(names))
     device = d2.device
     numel = torch.tensor([float(b.numel()) for b in before], device=device)  # a DTensor's numel is global
     # Scatter tensors into (layer, role) cells: one index per tensor, built on the host.
@@ -129,16 +129,13 @@ def builtin_statistics(ctx: ProbeContext) -> dict[str, torch.Tensor]:
         "delta0_rms": _delta_rms(ctx, ref0),
         "delta_prev_rms": _delta_rms(ctx, ctx.prev),
     }
-    lin = [[ctx.linearization[(l, b)] for b in BRANCHES] for l in range(L)]
-    out["branch_norm"] = torch.stack([torch.stack([r.branch_norm for r in row]) for row in lin]).float()
-    out["lin_norm"] = torch.stack([torch.stack([r.lin_norm for r in row]) for row in lin]).float()
-    out["nonlin_norm"] = torch.stack([torch.stack([r.nonlin_norm for r in row]) for row in lin]).float()
-    out["lin_ratio"] = torch.stack([torch.stack([r.lin_ratio for r in row]) for row in lin]).float()
-    out["nonlin_to_output"] = torch.stack([torch.stack([r.nonlin_to_output for r in row]) for row in lin]).float()
-    out["branch_to_stream"] = torch.stack([
-        torch.stack([rms(acts[(l, f"{b}_add")]) / rms(acts[(l, ctx.branch_inputs[b])]) for b in BRANCHES])
-        for l in range(L)
-    ])
+    lin = result_table(ctx.linearization, L, BRANCHES)  # (layer, branch) tensors, one stack
+    for name in ("branch_norm", "lin_norm", "nonlin_norm", "lin_ratio", "nonlin_to_output"):
+        out[name] = getattr(lin, name).float()
+    # RMS(branch addition) / RMS(branch input): the entries of act_rms (the same RMS of the same tensors).
+    adds = [SITES.index(f"{b}_add") for b in BRANCHES]
+    inputs = [SITES.index(ctx.branch_inputs[b]) for b in BRANCHES]
+    out["branch_to_stream"] = out["act_rms"][:, adds] / out["act_rms"][:, inputs]
     out["stream_cosine"] = torch.stack([_cosine(acts[(l, "resid_pre")], acts[(l, "resid_post")]) for l in range(L)])
     # Each layer's share of the change of the final stream since step 0 (projection onto Δh_final).
     final_delta = (acts[(-1, FINAL_SITE)] - ref0[(-1, FINAL_SITE)]).float()

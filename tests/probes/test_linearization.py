@@ -143,3 +143,60 @@ def test_float32_keeps_a_large_second_order_term_and_it_matches_the_exact_one():
     assert not bool(r.below_floor)
     assert float(r.nonlin_norm_raw) > 1e3 * float(r.nonlin_floor)
     assert abs(float(r.nonlin_norm) / float(exact_nl) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("branch_name", ["attn_branch", "mlp_branch"])
+def test_parameter_jvp_is_bitwise_torch_func_jvp(gpt, branch_name):
+    # parameter_jvp uses forward_ad's dual tensors directly (for speed): the same forward-mode formulas
+    # as torch.func.jvp given the same tangents (h: explicit zeros), so the same bits, not just close.
+    branch, params, direction, h = _branch_problem(gpt, 1, branch_name, seed=5)
+    with gpt.attention_backend("math"), torch.no_grad():
+        out, tangent = parameter_jvp(branch, h, params, direction)
+        out_ref, tangent_ref = torch.func.jvp(lambda p, x: torch.func.functional_call(branch, p, (x,)),
+                                              (params, h), (direction, torch.zeros_like(h)))
+    assert torch.equal(out, out_ref) and torch.equal(tangent, tangent_ref)
+
+
+def test_branch_linearization_is_bitwise_its_per_tensor_formula(gpt):
+    # The foreach Δθ and θ + Δθ must give exactly what one op per tensor gives (float32 parameters cast
+    # to float64 first, as in a run), and the norms those of nl = F(θ+Δθ) − F(θ) − JΔθ computed here.
+    branch = gpt.blocks[0].mlp_branch
+    before = {k: v.detach().float() for k, v in branch.named_parameters()}
+    after = {k: v.float() for k, v in _perturbed({k: v.double() for k, v in before.items()}, 1e-3, seed=7).items()}
+    h = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(8))
+    result = branch_linearization(branch, h, before, after)
+    theta = {k: v.double() for k, v in before.items()}
+    delta = {k: after[k].double() - theta[k] for k in theta}
+    with torch.no_grad():
+        out, lin = torch.func.jvp(lambda p, x: torch.func.functional_call(branch, p, (x,)),
+                                  (theta, h.double()), (delta, torch.zeros_like(h.double())))
+        moved = torch.func.functional_call(branch, {k: theta[k] + delta[k] for k in theta}, (h.double(),))
+    assert torch.equal(result.branch_norm, out.norm())
+    assert torch.equal(result.lin_norm, lin.norm())
+    assert torch.equal(result.nonlin_norm_raw, (moved - out - lin).norm())
+
+
+class TiedPair(nn.Module):
+    """Two names for one weight (as a tied embedding and head): F(x) = W (W x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(8, 8, bias=False, dtype=torch.float64)
+        self.second = nn.Linear(8, 8, bias=False, dtype=torch.float64)
+        self.second.weight = self.first.weight
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_call_with_resolves_ties_only_where_a_module_has_them(gpt):
+    from probes.linearization import call_with, ties_tensors
+
+    tied = TiedPair()
+    w = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    x = torch.randn(3, 8, dtype=torch.float64)
+    assert ties_tensors(tied) and not ties_tensors(gpt.blocks[0].mlp_branch)
+    # one value given under one name reaches both uses of the tied weight: W (W x), as functional_call
+    assert torch.equal(call_with(tied, {"first.weight": w}, x), x @ w.T @ w.T)
+    branch, params, _, h = _branch_problem(gpt, 0, "mlp_branch", seed=11)
+    assert torch.equal(call_with(branch, params, h), torch.func.functional_call(branch, params, (h,)))

@@ -108,3 +108,22 @@ def test_a_store_without_a_usable_lr_is_refused_by_the_analyses_in_one_line(tmp_
                           text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"Error: {tmp_path}: run attribute lr=nan must be a positive number"]
+
+
+def test_to_host_is_each_value_as_float64():
+    # One cat into a float64 buffer must give exactly `.double()` of each value, shape kept: float32,
+    # float64, bfloat16, an int64 beyond float32's 2²⁴, bools, NaN/−0/inf, a value that requires grad.
+    from probes.probe_log import to_host
+
+    gen = torch.Generator().manual_seed(0)
+    values = {"f32": torch.randn(3, 4, generator=gen), "f64": torch.randn(2, dtype=torch.float64, generator=gen),
+              "int": torch.tensor(2**40 + 3), "bool": torch.tensor([True, False]),
+              "bf16": torch.randn((), generator=gen).to(torch.bfloat16),
+              "special": torch.tensor([math.nan, -0.0, math.inf]), "grad": torch.ones(2, requires_grad=True) * 3}
+    row = to_host(values, torch.device("cpu"))
+    assert list(row) == list(values)
+    for name, value in values.items():
+        want = value.detach().double().numpy()
+        assert row[name].dtype == np.float64 and row[name].shape == want.shape, name
+        assert np.array_equal(row[name], want, equal_nan=True), name
+        assert np.array_equal(np.signbit(row[name]), np.signbit(want)), name
