@@ -5,6 +5,7 @@
     python -m benchmarks --json     # print the JSON result instead of the table
     python -m benchmarks --out results.json
     python -m benchmarks --parts sweep   # local sweeps: warm workers, balance, report time (benchmarks.sweep)
+    python -m benchmarks.sweep_ab --baseline-code DIR   # the two sweep targets, before/after, interleaved
 The GPU benchmark (GPT-2-small shape, compiled, bf16) is `python -m benchmarks.gpu --out DIR`.
 """
 
