@@ -5,6 +5,7 @@
     python -m benchmarks --json     # print the JSON result instead of the table
     python -m benchmarks --out results.json
     python -m benchmarks --parts sweep   # local sweeps: warm workers, balance, report time (benchmarks.sweep)
+    python -m benchmarks.sweep_ab --baseline-code DIR   # the two sweep targets, before/after, interleaved
 The GPU benchmark (GPT-2-small shape, compiled, bf16) is `python -m benchmarks.gpu --out DIR`.
 """
 
@@ -27,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="also write the JSON result to this file")
     p.add_argument("--parts", default="trainer,probes", help="comma-separated: trainer, probes, sweep")
     p.add_argument("--baseline-code", default="", help="sweep part: also time another checkout of the toolkit")
+    p.add_argument("--sweep-runs", type=int, help="sweep part: runs in the warm sweep (SweepBenchConfig.runs)")
     for field in dataclasses.fields(BenchConfig):
         if field.type in ("int", "str"):
             p.add_argument("--" + field.name.replace("_", "-"), type=int if field.type == "int" else str,
@@ -50,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     result = run_suite(config_from(args), parts)
     if "sweep" in parts:
         sweep_cfg = QUICK_SWEEP if args.quick else SweepBenchConfig()
-        result["sweep"] = run_sweep_bench(dataclasses.replace(sweep_cfg, baseline_code=args.baseline_code))
+        sweep_cfg = dataclasses.replace(sweep_cfg, baseline_code=args.baseline_code)
+        if args.sweep_runs is not None:
+            sweep_cfg = dataclasses.replace(sweep_cfg, runs=args.sweep_runs)
+        result["sweep"] = run_sweep_bench(sweep_cfg)
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
