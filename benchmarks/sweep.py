@@ -54,11 +54,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class SweepBenchConfig:
-    """Shapes and sizes of the sweep benchmark (defaults: the issue's targets; a few minutes when idle)."""
+    """Shapes and sizes of the sweep benchmark (defaults: the issue's targets; ≈ 10 minutes when idle)."""
 
     workers: int = 2  # local sweep workers (and `diagnose run` processes at a time on the cold side)
     threads: int = 1  # torch threads per worker
-    runs: int = 16  # runs in the warm sweep (seeds 0..runs-1)
+    # Runs in the warm sweep (seeds 0..runs-1): the size of the issue's example sweep. The sweep's one
+    # start (≈ 2.4 s of torch and torch._dynamo imports that every worker needs) is spread over them;
+    # at 16 runs it alone is ≈ 0.1 of the ratio (`--sweep-runs 16`; benchmarks/RESULTS.md, "Sweeps, round 2").
+    runs: int = 36
     width: int = 64  # residual width of every run
     depth: int = 4  # depth of the warm sweep's runs
     steps: int = 20  # training steps per run
