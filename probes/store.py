@@ -80,7 +80,10 @@ class RecordStore:
         group = await zarr_async.open_group(store=str(self.path), mode="r+")
         if group.metadata.consolidated_metadata is None:
             return False  # not written by this class: xarray's path
-        arrays = {name: await group.getitem(name) for name in group.metadata.consolidated_metadata.metadata}
+        # Every chunk is written, all-NaN ones too (as the first write and xarray do): zarr's default
+        # would delete a chunk that an append leaves all fill value, which readers take for damage.
+        arrays = {name: (await group.getitem(name)).with_config({"write_empty_chunks": True})
+                  for name in group.metadata.consolidated_metadata.metadata}
         names = [*ds.data_vars, "step"]
         on_step = {n for n, a in arrays.items() if "step" in (a.metadata.dimension_names or ())}
         if set(names) != on_step:

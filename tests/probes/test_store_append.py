@@ -41,6 +41,8 @@ def test_in_place_appends_equal_one_xarray_write(tmp_path):
     rows = [{k: np.asarray(v, dtype=np.float32) * gen.uniform(0.5, 2.0) for k, v in row.items()} for _ in steps]
     for r in rows[5:9]:
         r["lin_ratio"] = np.full_like(r["lin_ratio"], np.nan)  # NaN survives
+    for r in rows:  # a variable NaN at every step (nonlin_floor of a float64 linearization): its chunks
+        r["nonlin_floor"] = np.full_like(r["nonlin_floor"], np.nan)  # are still written, as xarray's are
     blocks = RecordStore(tmp_path / "blocks.zarr", coords, attrs, extra)
     reference = RecordStore(tmp_path / "xarray.zarr", coords, attrs, extra)
     for i, (start, stop) in enumerate(((0, 1), (1, 31), (31, 33), (33, 70))):
@@ -69,4 +71,8 @@ def test_in_place_appends_equal_one_xarray_write(tmp_path):
         assert (other.shape, other.chunks, other.dtype, other.metadata.dimension_names) == \
             (array.shape, array.chunks, array.dtype, array.metadata.dimension_names), name
         assert np.array_equal(other[...], array[...], equal_nan=array.dtype.kind == "f"), name
+    # The same chunk files: an all-NaN chunk is written too (write_empty_chunks), since a chunk file
+    # absent on disk is read as damage (analyses.load.missing_data).
+    files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("c/**/*") if p.is_file())  # noqa: E731
+    assert files(tmp_path / "blocks.zarr") == files(tmp_path / "xarray.zarr")
 
