@@ -28,7 +28,7 @@ from probes.adapters import ModelAdapter
 from probes.feature_change import FeatureChange
 from probes.health import HEADS_KEY, health_statistics, internal_sites, internal_statistics
 from probes.hooks import capture
-from probes.linearization import LinearizationResult, branch_linearization, result_table
+from probes.linearization import LinearizationResult, branch_linearization
 from probes.schema import BRANCHES, SITES
 from probes.statistics import USER_STATISTICS, ProbeContext, builtin_statistics
 from trainer.distributed import full_parameters, my_share, probes_on_every_rank, sum_across_ranks
@@ -118,10 +118,6 @@ class ProbeSession:
         if self.health:
             values.update(health_statistics(ctx, full=self._full_health(step)))
         values["probe_loss"] = pending["loss"].float()
-        # The round-off guard of a float32 linearization (NaN floor and 0 in float64).
-        table = result_table(lin, self.adapter.depth, BRANCHES)
-        values["nonlin_floor"] = table.nonlin_floor.float()
-        values["lin_below_floor"] = table.below_floor.float()
         if self.features.theta0 is None:  # the first probe step's θ_t is the reference θ_0
             self.features.set_reference(pending["before"])
         values.update({k: v.float() for k, v in self.features.measure(acts, pending["before"]).items()})

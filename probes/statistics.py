@@ -132,6 +132,9 @@ def builtin_statistics(ctx: ProbeContext) -> dict[str, torch.Tensor]:
     lin = result_table(ctx.linearization, L, BRANCHES)  # (layer, branch) tensors, one stack
     for name in ("branch_norm", "lin_norm", "nonlin_norm", "lin_ratio", "nonlin_to_output"):
         out[name] = getattr(lin, name).float()
+    # The round-off guard of a float32 linearization (NaN floor and 0 in float64).
+    out["nonlin_floor"] = lin.nonlin_floor.float()
+    out["lin_below_floor"] = lin.below_floor.float()
     # RMS(branch addition) / RMS(branch input): the entries of act_rms (the same RMS of the same tensors).
     adds = [SITES.index(f"{b}_add") for b in BRANCHES]
     inputs = [SITES.index(ctx.branch_inputs[b]) for b in BRANCHES]
